@@ -1,0 +1,55 @@
+# The handful of commands a person types. Everything else lives in cluster/ (python -m cluster).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := redis-server rabbitmq-server nginx libcurl4 libssl3
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: help install up down status deploy test test-unit lint clean
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## install system packages and the Python environment (idempotent)
+
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned, so nothing later resolves an unpinned (CUDA) build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+up: install  ## bring the whole cluster up and serve (safe to run twice)
+	$(PY) -m cluster up
+
+down:  ## stop what `make up` started
+	@test -x $(PY) && $(PY) -m cluster down || echo "nothing installed, nothing to stop"
+
+status:  ## each component and whether it answers
+	@$(PY) -m cluster status
+
+deploy: install  ## re-deploy cluster/serve_config.yaml to the running cluster
+	$(PY) -m cluster deploy
+
+test: install  ## the whole test suite (starts the services it needs, stops what it started)
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+test-unit: install  ## the unit tests only (no services)
+	$(PY) -m pytest tests/unit
+
+lint: install  ## ruff
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean: down  ## stop everything and delete runtime state (.cluster/)
+	rm -rf .cluster

@@ -1,0 +1,179 @@
+"""The local bring-up: every service as a plain process, the model seeded, the app deployed.
+
+python -m cluster up       # start what is not running, deploy, wait until ready, print URLs
+python -m cluster down     # stop what `up` started (by pid), leave the rest
+python -m cluster status   # each component: who runs it and whether it answers
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from cluster.processes import wait_until
+from cluster.seed import seed_default_model
+from cluster.services import VENV_BIN, Ray, ServiceError, all_services, load_serve_config, ray_env
+from serve_app.settings import Settings, get_settings
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def deploy(settings: Settings) -> Path:
+    """`serve deploy` the Serve config, with this machine's settings filled in."""
+    rendered = settings.state_dir / "serve_config.yaml"
+    rendered.write_text(yaml.safe_dump(load_serve_config(settings), sort_keys=False))
+    result = subprocess.run(
+        [str(VENV_BIN / "serve"), "deploy", str(rendered), "--address", settings.dashboard_url],
+        env=ray_env(settings),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise ServiceError(f"serve deploy failed:\n{result.stdout}\n{result.stderr}")
+    return rendered
+
+
+def readiness(settings: Settings, base_url: str | None = None) -> dict | None:
+    try:
+        url = f"{base_url or settings.public_url}/readyz"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_ready(settings: Settings) -> dict:
+    report: dict | None = None
+
+    def ready() -> bool:
+        nonlocal report
+        report = readiness(settings)
+        return report is not None and report.get("status") == "ready"
+
+    if not wait_until(ready, settings.ready_timeout_s, interval_s=1.0):
+        raise ServiceError(
+            f"the API at {settings.public_url}/readyz was not ready within {settings.ready_timeout_s:g}s; "
+            f"last report: {json.dumps(report)}; see `make status` and {settings.state_dir}/logs"
+        )
+    return report or {}
+
+
+def up(settings: Settings | None = None) -> list[str]:
+    """Bring everything up; returns the names of the services this call started."""
+    settings = settings or get_settings()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    started = []
+    for service in all_services(settings):
+        began = time.monotonic()
+        outcome = service.ensure()
+        if outcome == "started":
+            started.append(service.name)
+        _say(f"  {service.name:<13} {outcome:<9} {service.address:<22} ({time.monotonic() - began:.1f}s)")
+        if service.name == "object_store":
+            manifest = seed_default_model(settings)
+            _say(
+                f"  {'model':<13} {'seeded':<9} {settings.model_bucket}/{manifest.name}/{manifest.version} "
+                f"({len(manifest.files)} files)"
+            )
+        if isinstance(service, Ray):
+            deploy(settings)
+            _say(f"  {'serve':<13} deployed  {settings.serve_url}")
+    began = time.monotonic()
+    wait_ready(settings)
+    _say(f"  {'api':<13} ready     {settings.public_url} ({time.monotonic() - began:.1f}s)")
+    return started
+
+
+def down(settings: Settings | None = None, only: list[str] | None = None) -> list[str]:
+    """Stop the services this bring-up started (all of ours, or just those named)."""
+    settings = settings or get_settings()
+    stopped = []
+    for service in reversed(all_services(settings)):
+        if only is not None and service.name not in only:
+            continue
+        if service.stop():
+            stopped.append(service.name)
+            _say(f"  {service.name:<13} stopped")
+    return stopped
+
+
+def status(settings: Settings | None = None) -> list[dict]:
+    settings = settings or get_settings()
+    rows = []
+    for service in all_services(settings):
+        pid = service.process.pid
+        answers = service.answers()
+        owner = f"pid {pid}" if pid else ("external" if answers else "-")
+        rows.append({"name": service.name, "owner": owner, "answers": answers, "address": service.address})
+    report = readiness(settings)
+    rows.append(
+        {
+            "name": "api",
+            "owner": "serve",
+            "answers": bool(report and report.get("status") != "unavailable"),
+            "address": settings.public_url,
+            "detail": report,
+        }
+    )
+    return rows
+
+
+def banner(settings: Settings) -> str:
+    body = json.dumps({"model": settings.default_model, "input": ["Ray Serve scales replicas", "Serving at scale"]})
+    return f"""
+The cluster is up.
+  API            {settings.public_url}   (NGINX -> Serve proxy {settings.serve_url})
+  API docs       {settings.public_url}/docs
+  Ray dashboard  {settings.dashboard_url}
+  State and logs {settings.state_dir}
+
+Try it:
+  curl -s {settings.public_url}/v1/embeddings \\
+    -H 'Content-Type: application/json' \\
+    -d '{body}'
+
+Stop it with `make down`; see each component with `make status`.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = (argv or sys.argv[1:] or ["status"])[0]
+    settings = get_settings()
+    try:
+        if command == "up":
+            _say(f"Bringing the cluster up (state in {settings.state_dir}):")
+            up(settings)
+            _say(banner(settings))
+        elif command == "down":
+            stopped = down(settings)
+            _say("stopped: " + (", ".join(stopped) if stopped else "nothing of ours was running"))
+        elif command == "status":
+            rows = status(settings)
+            for row in rows:
+                mark = "up  " if row["answers"] else "DOWN"
+                _say(f"  {mark} {row['name']:<13} {row['owner']:<12} {row['address']}")
+            detail = rows[-1].get("detail")
+            if detail:
+                for name, component in detail.get("components", {}).items():
+                    _say(f"       {name:<24} {component['status']:<5} {component.get('detail') or ''}")
+            return 0 if all(r["answers"] for r in rows) else 1
+        elif command == "deploy":
+            deploy(settings)
+            wait_ready(settings)
+            _say(f"deployed; ready at {settings.public_url}")
+        else:
+            _say(__doc__ or "")
+            return 2
+    except ServiceError as exc:
+        _say(f"error: {exc}")
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""Ray Serve deployments that do ML work: model replicas and job workers."""

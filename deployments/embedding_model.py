@@ -1,0 +1,175 @@
+"""The embedding model deployment: weights from the object store, dynamic batching, live reconfigure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import metrics
+
+from serve_app.model_contract import EmbeddingBatch, ModelInfo
+from serve_app.model_repository import Manifest, ModelRepository
+from serve_app.settings import get_settings
+
+if TYPE_CHECKING:
+    from deployments.encoder import SentenceEncoder
+
+logger = logging.getLogger("ray.serve")
+
+
+class ModelConfig(BaseModel):
+    """The deployment's `user_config`: changing it in the Serve config applies live, with no restart."""
+
+    version: str = Field(default_factory=lambda: get_settings().default_model_version)
+    max_batch_texts: int = Field(64, ge=1, description="Texts per batch, summed over the requests in it.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    forward_batch_size: int = Field(32, ge=1, description="Texts per forward pass within a batch.")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: Ray's num_cpus.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    manifest: Manifest
+    source: str
+    encoder: SentenceEncoder
+    loaded_at: float
+
+
+def _texts_in(requests: list[list[str]]) -> int:
+    return sum(len(texts) for texts in requests)
+
+
+@serve.deployment(
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.5},
+    user_config=ModelConfig().model_dump(),
+)
+class EmbeddingModel:
+    """Serves one sentence-embedding model; `version` in the user_config picks the weights."""
+
+    def __init__(self, model_name: str) -> None:
+        self.settings = get_settings()
+        self.model_name = model_name
+        self.repository = ModelRepository.from_settings(self.settings)
+        self.config = ModelConfig()
+        self.loaded: LoadedModel | None = None
+        self.texts_counter = metrics.Counter(
+            "embedding_texts_computed", description="Texts embedded by the model.", tag_keys=("model",)
+        )
+        self.batch_texts = metrics.Histogram(
+            "embedding_batch_texts",
+            description="Texts per model batch (all requests in the batch).",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+            tag_keys=("model",),
+        )
+        self.texts_counter.set_default_tags({"model": model_name})
+        self.batch_texts.set_default_tags({"model": model_name})
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Apply a new user_config; a new version is loaded beside the old one, then swapped in."""
+        config = ModelConfig.model_validate(user_config)
+        self._embed_batch.set_max_batch_size(config.max_batch_texts)
+        self._embed_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        needs_load = (
+            self.loaded is None
+            or config.version != self.config.version
+            or config.device != self.config.device
+            or config.forward_batch_size != self.config.forward_batch_size
+        )
+        self.config = config
+        if needs_load:
+            self.loaded = await asyncio.to_thread(self._load, config)
+            logger.info("serving %s version %s from %s", self.model_name, config.version, self.loaded.source)
+
+    def _load(self, config: ModelConfig) -> LoadedModel:
+        import torch
+
+        from deployments.encoder import SentenceEncoder
+
+        threads = config.torch_threads or max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1"))))
+        torch.set_num_threads(threads)
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        local_dir, manifest = self.repository.fetch(self.model_name, config.version, self.settings.weights_cache_dir)
+        encoder = SentenceEncoder(local_dir, device=device, forward_batch_size=config.forward_batch_size)
+        return LoadedModel(
+            manifest=manifest,
+            source=self.repository.uri(self.model_name, config.version),
+            encoder=encoder,
+            loaded_at=time.time(),
+        )
+
+    def check_health(self) -> None:
+        if self.loaded is None:
+            raise RuntimeError("no model loaded")
+
+    def info(self) -> ModelInfo:
+        """What this replica serves and where its weights came from."""
+        loaded = self._require_loaded()
+        return ModelInfo(
+            name=self.model_name,
+            version=loaded.manifest.version,
+            dims=loaded.encoder.dims,
+            source=loaded.source,
+            manifest_digest=loaded.manifest.digest,
+            framework=loaded.manifest.framework,
+            task=loaded.manifest.task,
+            created=loaded.manifest.created.timestamp(),
+            loaded_at=loaded.loaded_at,
+            device=str(loaded.encoder.device),
+            max_seq_length=loaded.encoder.spec.max_seq_length,
+        )
+
+    async def embed(self, texts: list[str]) -> EmbeddingBatch:
+        """Embeddings of texts, in order; long lists are split so each part fits one batch."""
+        step = self.config.max_batch_texts
+        parts = await asyncio.gather(*(self._embed_batch(texts[i : i + step]) for i in range(0, len(texts), step)))
+        versions = {p.version for p in parts}
+        if len(versions) > 1:  # a version swap landed between parts: answer from one version
+            return await self.embed(texts)
+        return EmbeddingBatch(
+            model=self.model_name,
+            version=parts[0].version,
+            vectors=parts[0].vectors if len(parts) == 1 else _concat([p.vectors for p in parts]),
+            token_counts=[n for p in parts for n in p.token_counts],
+        )
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_texts_in)
+    async def _embed_batch(self, requests: list[list[str]]) -> list[EmbeddingBatch]:
+        loaded = self._require_loaded()
+        flat = [text for texts in requests for text in texts]
+        encoded = await asyncio.to_thread(loaded.encoder.encode, flat)
+        self.texts_counter.inc(len(flat))
+        self.batch_texts.observe(len(flat))
+        results, start = [], 0
+        for texts in requests:
+            end = start + len(texts)
+            results.append(
+                EmbeddingBatch(
+                    model=self.model_name,
+                    version=loaded.manifest.version,
+                    vectors=encoded.vectors[start:end],
+                    token_counts=encoded.token_counts[start:end],
+                )
+            )
+            start = end
+        return results
+
+    def _require_loaded(self) -> LoadedModel:
+        if self.loaded is None:
+            raise RuntimeError(f"model {self.model_name} is not loaded yet")
+        return self.loaded
+
+
+def _concat(arrays: list):
+    import numpy as np
+
+    return np.concatenate(arrays)

@@ -1,0 +1,110 @@
+"""Sentence encoder: a transformer with pooling and normalisation, loaded from a local directory.
+
+The directory is a sentence-transformers layout (config.json, model.safetensors, tokenizer
+files, 1_Pooling/config.json, modules.json, sentence_bert_config.json); the encoder
+reproduces what sentence-transformers computes from it without importing that library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Weights only ever come from a local directory: never let transformers reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+POOLING_MODES = ("mean", "cls", "max")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How a model directory says its embeddings are made."""
+
+    pooling: str
+    normalize: bool
+    max_seq_length: int
+
+    @classmethod
+    def from_directory(cls, model_dir: Path) -> EncoderSpec:
+        pooling = "mean"
+        pooling_config = model_dir / "1_Pooling" / "config.json"
+        if pooling_config.exists():
+            config = json.loads(pooling_config.read_text())
+            pooling = next(
+                (
+                    mode
+                    for mode in POOLING_MODES
+                    if config.get(f"pooling_mode_{mode}_token") or config.get(f"pooling_mode_{mode}_tokens")
+                ),
+                "mean",
+            )
+        normalize = False
+        modules = model_dir / "modules.json"
+        if modules.exists():
+            normalize = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+        max_seq_length = 512
+        st_config = model_dir / "sentence_bert_config.json"
+        if st_config.exists():
+            max_seq_length = int(json.loads(st_config.read_text()).get("max_seq_length", 512))
+        return cls(pooling=pooling, normalize=normalize, max_seq_length=max_seq_length)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    vectors: np.ndarray  # float32, shape (n, dims)
+    token_counts: list[int]
+
+
+class SentenceEncoder:
+    """Turns texts into sentence embeddings on one torch device."""
+
+    def __init__(self, model_dir: Path, device: str = "cpu", forward_batch_size: int = 32) -> None:
+        self.spec = EncoderSpec.from_directory(model_dir)
+        self.device = torch.device(device)
+        self.forward_batch_size = forward_batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir).to(self.device).eval()
+        self.dims = int(self.model.config.hidden_size)
+
+    def encode(self, texts: list[str]) -> Encoded:
+        """Embed texts; sorted by length so each forward pass pads as little as possible."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        vectors = np.empty((len(texts), self.dims), dtype=np.float32)
+        token_counts = [0] * len(texts)
+        for start in range(0, len(order), self.forward_batch_size):
+            chunk = order[start : start + self.forward_batch_size]
+            chunk_vectors, chunk_tokens = self._forward([texts[i] for i in chunk])
+            vectors[chunk] = chunk_vectors
+            for i, count in zip(chunk, chunk_tokens, strict=True):
+                token_counts[i] = count
+        return Encoded(vectors=vectors, token_counts=token_counts)
+
+    @torch.inference_mode()
+    def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        batch = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.spec.max_seq_length,
+            return_tensors="pt",
+        ).to(self.device)
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        if self.spec.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self.spec.pooling == "max":
+            pooled = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+        else:
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        if self.spec.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        token_counts = batch["attention_mask"].sum(dim=1).tolist()
+        return pooled.float().cpu().numpy(), token_counts

@@ -1,0 +1,1 @@
+"""The Serve application: FastAPI gateway, schemas, settings and the service clients."""

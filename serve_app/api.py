@@ -1,0 +1,36 @@
+"""The FastAPI application of the gateway, built around a Services container."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from serve_app.errors import install_error_handlers
+from serve_app.request_context import RequestContextMiddleware
+from serve_app.routes import embeddings, health, models
+from serve_app.services import Services
+
+API_VERSION = "0.1.0"
+
+
+def create_app(services: Services) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await services.start()
+        yield
+        await services.stop()
+
+    app = FastAPI(
+        title="Inference cluster API",
+        version=API_VERSION,
+        description="Sentence embeddings served by Ray Serve, OpenAI-compatible.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, history=services.history)
+    for router in (embeddings.router, models.router, health.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,150 @@
+"""Request history in MongoDB, written in bulk by a background task, off the hot path.
+
+Records wait in a bounded in-memory buffer; a flush inserts them in one `insert_many`.
+If MongoDB is down they stay buffered and are retried; past `history_buffer_size` the
+oldest are dropped and counted (a documented degradation: history is not the truth of a
+request's answer, and serving never waits for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from datetime import UTC, datetime
+
+from bson import ObjectId
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
+
+from serve_app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DUPLICATE_KEY = 11000
+INDEX_OPTIONS_CONFLICT = 85
+
+
+def mongo_client(settings: Settings) -> AsyncMongoClient:
+    timeout_ms = int(settings.mongo_timeout_s * 1000)
+    return AsyncMongoClient(
+        settings.mongo_url,
+        serverSelectionTimeoutMS=timeout_ms,
+        connectTimeoutMS=timeout_ms,
+        tz_aware=True,
+    )
+
+
+class HistoryWriter:
+    """Buffers history records and writes them to `<db>.requests` in batches."""
+
+    def __init__(
+        self,
+        collection: AsyncCollection,
+        *,
+        ttl_days: int,
+        flush_interval_s: float,
+        batch_size: int,
+        buffer_size: int,
+    ) -> None:
+        self.collection = collection
+        self.ttl_days = ttl_days
+        self.flush_interval_s = flush_interval_s
+        self.batch_size = batch_size
+        self.buffer: deque[dict] = deque()
+        self.buffer_size = buffer_size
+        self.dropped = 0
+        self.written = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._indexes_ready = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: AsyncMongoClient) -> HistoryWriter:
+        return cls(
+            client[settings.mongo_db]["requests"],
+            ttl_days=settings.history_ttl_days,
+            flush_interval_s=settings.history_flush_interval_s,
+            batch_size=settings.history_batch_size,
+            buffer_size=settings.history_buffer_size,
+        )
+
+    def record(self, **fields: object) -> None:
+        """Queue one record; never blocks and never raises."""
+        doc = {"_id": ObjectId(), "ts": datetime.now(UTC), **fields}
+        self.buffer.append(doc)
+        if len(self.buffer) > self.buffer_size:
+            self.buffer.popleft()
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                logger.warning("history buffer full; %d records dropped so far", self.dropped)
+        if len(self.buffer) >= self.batch_size:
+            self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="history-writer")
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(PyMongoError, TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self.buffer and await self.flush():
+                    pass
+
+    async def ensure_indexes(self) -> None:
+        ttl_s = self.ttl_days * 86400
+        try:
+            await self.collection.create_index([("ts", ASCENDING)], name="ts_ttl", expireAfterSeconds=ttl_s)
+        except OperationFailure as exc:
+            if exc.code != INDEX_OPTIONS_CONFLICT:
+                raise
+            await self.collection.database.command(
+                "collMod", self.collection.name, index={"name": "ts_ttl", "expireAfterSeconds": ttl_s}
+            )
+        await self.collection.create_index([("request_id", ASCENDING)], name="request_id")
+        await self.collection.create_index([("model", ASCENDING), ("ts", ASCENDING)], name="model_ts")
+        self._indexes_ready = True
+
+    async def flush(self) -> bool:
+        """Write up to one batch; True if it was written (or was already there)."""
+        batch = [self.buffer.popleft() for _ in range(min(self.batch_size, len(self.buffer)))]
+        if not batch:
+            return True
+        try:
+            await self.collection.insert_many(batch, ordered=False)
+        except BulkWriteError as exc:
+            # A retried batch may be partly stored already: duplicates of our own ids are fine.
+            others = [e for e in exc.details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY]
+            if others:
+                logger.error("history insert failed for %d records: %s", len(others), others[0].get("errmsg"))
+        except PyMongoError as exc:
+            self.buffer.extendleft(reversed(batch))
+            logger.warning("history write deferred (%d buffered): %s", len(self.buffer), exc)
+            return False
+        self.written += len(batch)
+        return True
+
+    async def _run(self) -> None:
+        backoff = self.flush_interval_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                if not self._indexes_ready:
+                    await self.ensure_indexes()
+                while self.buffer:
+                    if not await self.flush():
+                        raise ConnectionError("history flush failed")
+                backoff = self.flush_interval_s
+            except (PyMongoError, ConnectionError) as exc:
+                backoff = min(backoff * 2, 30.0)
+                logger.debug("history writer backing off %.1fs: %s", backoff, exc)

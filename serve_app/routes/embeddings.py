@@ -1,0 +1,44 @@
+"""POST /v1/embeddings."""
+
+from __future__ import annotations
+
+import base64
+
+from fastapi import APIRouter, Request, Response
+
+from serve_app.deps import EmbeddingServiceDep
+from serve_app.schemas import Embedding, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Usage
+
+router = APIRouter(tags=["embeddings"])
+
+CACHE_HITS_HEADER = "X-Cache-Hits"
+MODEL_VERSION_HEADER = "X-Model-Version"
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingResponse,
+    responses={404: {"model": ErrorResponse}, 400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def create_embeddings(body: EmbeddingRequest, request: Request, service: EmbeddingServiceDep) -> Response:
+    """Embeddings of one text or a list of texts, OpenAI-compatible; cached items are not recomputed."""
+    texts = body.texts
+    history = {"model": body.model, "items": len(texts)}
+    request.state.history = history
+    outcome = await service.embed(body.model, texts, body.dimensions)
+    history.update(version=outcome.version, cache_hits=outcome.cache_hits)
+    if body.encoding_format == "base64":
+        encoded = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode() for v in outcome.vectors]
+    else:
+        encoded = outcome.vectors.tolist()
+    tokens = sum(outcome.token_counts)
+    payload = EmbeddingResponse(
+        data=[Embedding(index=i, embedding=e) for i, e in enumerate(encoded)],
+        model=outcome.model,
+        usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+    )
+    return Response(
+        content=payload.model_dump_json(),
+        media_type="application/json",
+        headers={CACHE_HITS_HEADER: str(outcome.cache_hits), MODEL_VERSION_HEADER: outcome.version},
+    )

@@ -1,0 +1,90 @@
+"""Everything a gateway replica talks to, built once from settings, with readiness checks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from pymongo import AsyncMongoClient
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.embedding_service import EmbeddingService
+from serve_app.history import HistoryWriter, mongo_client
+from serve_app.model_client import ModelClient
+from serve_app.model_repository import ModelRepository
+from serve_app.result_cache import ResultCache
+from serve_app.schemas import ComponentStatus, Readiness
+from serve_app.settings import Settings
+
+CHECK_TIMEOUT_S = 3.0
+
+
+@dataclass
+class Services:
+    settings: Settings
+    cache: ResultCache
+    mongo: AsyncMongoClient
+    history: HistoryWriter
+    repository: ModelRepository
+    models: dict[str, ModelClient]
+    embeddings: EmbeddingService
+
+    @classmethod
+    def from_settings(cls, settings: Settings, handles: dict[str, DeploymentHandle]) -> Services:
+        cache = ResultCache.from_settings(settings)
+        mongo = mongo_client(settings)
+        models = {
+            name: ModelClient(name, handle, refresh_s=settings.model_info_refresh_s, timeout_s=settings.model_timeout_s)
+            for name, handle in handles.items()
+        }
+        return cls(
+            settings=settings,
+            cache=cache,
+            mongo=mongo,
+            history=HistoryWriter.from_settings(settings, mongo),
+            repository=ModelRepository.from_settings(settings, timeout_s=CHECK_TIMEOUT_S),
+            models=models,
+            embeddings=EmbeddingService(models, cache),
+        )
+
+    async def start(self) -> None:
+        self.history.start()
+
+    async def stop(self) -> None:
+        await self.history.stop()
+        await self.cache.close()
+        await self.mongo.close()
+
+    async def readiness(self) -> Readiness:
+        """Each dependency's status. A model down makes us unavailable; anything else, degraded."""
+        checks: dict[str, Callable[[], Awaitable[object]]] = {
+            "redis": self.cache.ping,
+            "mongodb": lambda: self.mongo.admin.command("ping"),
+            "object_store": lambda: asyncio.to_thread(self.repository.client.bucket_exists, self.repository.bucket),
+        }
+        for name, client in self.models.items():
+            checks[f"model:{name}"] = lambda client=client: client.info(refresh=True)
+        results = await asyncio.gather(*(_check(fn) for fn in checks.values()))
+        components = dict(zip(checks, results, strict=True))
+        if any(status.status == "down" for name, status in components.items() if name.startswith("model:")):
+            overall = "unavailable"
+        elif any(status.status == "down" for status in components.values()):
+            overall = "degraded"
+        else:
+            overall = "ready"
+        return Readiness(status=overall, components=components)
+
+
+async def _check(probe: Callable[[], Awaitable[object]]) -> ComponentStatus:
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            result = await probe()
+    except Exception as exc:  # a check reports every failure, whatever its kind
+        detail = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        return ComponentStatus(status="down", detail=detail[:300])
+    latency_ms = round((time.perf_counter() - started) * 1000, 2)
+    version = getattr(result, "version", None)
+    return ComponentStatus(status="ok", latency_ms=latency_ms, detail=f"version {version}" if version else None)

@@ -1,0 +1,108 @@
+"""The one settings class: every endpoint, credential, port and limit, read from INFER_* variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, computed_field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFER_", env_file=None, extra="ignore")
+
+    # Where the local bring-up keeps pid files, logs, data dirs and rendered configs.
+    state_dir: Path = REPO_ROOT / ".cluster"
+
+    # Public door and Ray.
+    nginx_host: str = "127.0.0.1"
+    nginx_port: int = 8080
+    nginx_upstreams: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:8000"],
+        description="Every node's Serve proxy (host:port) that NGINX balances over.",
+    )
+    nginx_client_max_body_size: str = "4m"
+    nginx_proxy_read_timeout_s: int = 60
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
+    ray_gcs_port: int = 6380
+    ray_dashboard_host: str = "127.0.0.1"
+    ray_dashboard_port: int = 8265
+    ray_num_cpus: int | None = None
+    ray_object_store_bytes: int = 512 * 1024 * 1024
+    serve_app_name: str = "inference"
+    ready_timeout_s: float = 300.0
+
+    # Stateful services.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = 0.5
+    redis_retry_after_s: float = Field(2.0, description="After a Redis error, skip Redis this long.")
+    cache_ttl_s: int = 24 * 3600
+    mongo_url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
+    mongo_db: str = "inference"
+    mongo_timeout_s: float = 2.0
+    history_ttl_days: int = 30
+    history_flush_interval_s: float = 0.5
+    history_batch_size: int = 500
+    history_buffer_size: int = 50_000
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    s3_endpoint: str = "http://127.0.0.1:9000"
+    s3_access_key: str = "minioadmin"
+    s3_secret_key: str = "minioadmin"
+    s3_region: str = "us-east-1"
+    model_bucket: str = "models"
+
+    # Models.
+    default_model: str = "all-minilm-l6-v2"
+    default_model_version: str = "1"
+    model_cache_dir: Path | None = Field(None, description="Node-local weight cache; default <state_dir>/model-cache.")
+    model_info_refresh_s: float = 2.0
+    model_timeout_s: float = 60.0
+
+    # Request limits.
+    max_items_per_request: int = 256
+    max_text_chars: int = 8192
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def weights_cache_dir(self) -> Path:
+        return self.model_cache_dir or self.state_dir / "model-cache"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def public_url(self) -> str:
+        return f"http://{self.nginx_host}:{self.nginx_port}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.serve_host}:{self.serve_port}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.ray_dashboard_host}:{self.ray_dashboard_port}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ray_address(self) -> str:
+        return f"127.0.0.1:{self.ray_gcs_port}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def s3_secure(self) -> bool:
+        return urlparse(self.s3_endpoint).scheme == "https"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def s3_host(self) -> str:
+        return urlparse(self.s3_endpoint).netloc
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,124 @@
+"""The gateway's HTTP behaviour, with a fake model and stateful services that are unreachable."""
+
+import base64
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serve_app.api import create_app
+from serve_app.services import Services
+from serve_app.settings import get_settings
+from tests.unit.fakes import FakeModelHandle
+
+CLOSED = "127.0.0.1:9"  # the discard port: nothing listens there
+
+
+@pytest.fixture
+def handle():
+    return FakeModelHandle(name="fake-model", dims=8)
+
+
+@pytest.fixture
+def client(handle, monkeypatch):
+    for name, value in {
+        "REDIS_URL": f"redis://{CLOSED}/0",
+        "MONGO_URL": f"mongodb://{CLOSED}/?directConnection=true",
+        "S3_ENDPOINT": f"http://{CLOSED}",
+        "REDIS_TIMEOUT_S": "0.2",
+        "MONGO_TIMEOUT_S": "0.2",
+        "MAX_ITEMS_PER_REQUEST": "4",
+    }.items():
+        monkeypatch.setenv(f"INFER_{name}", value)
+    get_settings.cache_clear()
+    services = Services.from_settings(get_settings(), {handle.name: handle})
+    with TestClient(create_app(services)) as test_client:
+        yield test_client
+    get_settings.cache_clear()
+
+
+def embed(client, **body):
+    return client.post("/v1/embeddings", json={"model": "fake-model", **body})
+
+
+def test_embeddings_have_the_openai_shape(client):
+    response = embed(client, input=["one text", "another text"])
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "list"
+    assert body["model"] == "fake-model"
+    assert [d["index"] for d in body["data"]] == [0, 1]
+    assert all(d["object"] == "embedding" and len(d["embedding"]) == 8 for d in body["data"])
+    assert body["usage"] == {"prompt_tokens": 8, "total_tokens": 8}
+    assert response.headers["X-Cache-Hits"] == "0"  # Redis is down: served uncached
+    assert response.headers["X-Model-Version"] == "1"
+
+
+def test_base64_encoding_is_little_endian_float32(client):
+    floats = embed(client, input="same").json()["data"][0]["embedding"]
+    encoded = embed(client, input="same", encoding_format="base64").json()["data"][0]["embedding"]
+    np.testing.assert_array_equal(np.frombuffer(base64.b64decode(encoded), dtype="<f4"), np.float32(floats))
+
+
+def test_request_id_is_passed_through_or_made(client):
+    assert embed(client, input="x").headers["X-Request-ID"]
+    assert client.get("/healthz", headers={"X-Request-ID": "trace-42"}).headers["X-Request-ID"] == "trace-42"
+    replaced = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"}).headers["X-Request-ID"]
+    assert replaced != "bad id with spaces"
+    assert len(replaced) == 32
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"model": "fake-model", "input": []}, 422, "at least one text"),
+        ({"model": "fake-model", "input": ["a"] * 5}, 422, "at most 4"),
+        ({"model": "nope", "input": "x"}, 404, "does not exist"),
+        ({"model": "fake-model", "input": "x", "dimensions": 3}, 400, "makes 8"),
+        ({"model": "fake-model", "input": {"text": "x"}}, 422, "input"),
+    ],
+)
+def test_bad_input_is_a_4xx_that_says_what_is_wrong(client, body, status, fragment):
+    response = client.post("/v1/embeddings", json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert fragment in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_and_unknown_routes_answer_in_json(client):
+    response = client.post("/v1/embeddings", content=b'{"model": ', headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert "not valid JSON" in response.json()["error"]["message"]
+    assert client.get("/v1/embeddings").status_code == 405
+    missing = client.get("/nothing-here")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found"
+
+
+def test_a_failing_model_is_503_and_makes_readiness_unavailable(client, handle):
+    assert client.get("/readyz").json()["status"] == "degraded"  # stores down, model up
+    handle.fail = True
+    response = embed(client, input="x")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "service_unavailable"
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    report = ready.json()
+    assert report["status"] == "unavailable"
+    assert report["components"]["model:fake-model"]["status"] == "down"
+    assert report["components"]["redis"]["status"] == "down"
+
+
+def test_models_lists_version_and_source(client):
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["id"] == "fake-model"
+    assert card["version"] == "1"
+    assert card["source"] == "s3://models/fake-model/1/"
+    assert client.get("/v1/models/fake-model").json()["dims"] == 8
+    assert client.get("/v1/models/other").status_code == 404
+
+
+def test_docs_are_served(client):
+    assert client.get("/docs").status_code == 200
+    assert "/v1/embeddings" in client.get("/openapi.json").json()["paths"]
