@@ -26,10 +26,10 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def deploy(settings: Settings) -> Path:
-    """`serve deploy` the Serve config, with this machine's settings filled in."""
+def deploy(settings: Settings, config: dict | None = None) -> Path:
+    """`serve deploy` a Serve config (default: cluster/serve_config.yaml with this machine's settings)."""
     rendered = settings.state_dir / "serve_config.yaml"
-    rendered.write_text(yaml.safe_dump(load_serve_config(settings), sort_keys=False))
+    rendered.write_text(yaml.safe_dump(config or load_serve_config(settings), sort_keys=False))
     result = subprocess.run(
         [str(VENV_BIN / "serve"), "deploy", str(rendered), "--address", settings.dashboard_url],
         env=ray_env(settings),

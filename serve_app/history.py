@@ -128,6 +128,9 @@ class HistoryWriter:
             self.buffer.extendleft(reversed(batch))
             logger.warning("history write deferred (%d buffered): %s", len(self.buffer), exc)
             return False
+        except BaseException:  # cancelled mid-write: the batch goes back, to be written later
+            self.buffer.extendleft(reversed(batch))
+            raise
         self.written += len(batch)
         return True
 
