@@ -218,3 +218,14 @@ def test_serve_cli_shows_the_application_running(settings):
     assert f"{settings.serve_app_name}:\n    status: RUNNING" in result.stdout
     for deployment in ("Gateway", "EmbeddingModel"):
         assert deployment in result.stdout
+
+
+def test_ray_dashboard_shows_the_deployments(settings):
+    import httpx
+
+    applications = httpx.get(f"{settings.dashboard_url}/api/serve/applications/", timeout=30).json()["applications"]
+    app = applications[settings.serve_app_name]
+    assert app["status"] == "RUNNING"
+    for name in ("Gateway", "EmbeddingModel"):
+        assert app["deployments"][name]["status"] == "HEALTHY"
+        assert app["deployments"][name]["replicas"]
