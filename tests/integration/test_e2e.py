@@ -167,6 +167,12 @@ def test_nginx_refuses_oversized_bodies_with_json(api):
     assert response.headers["X-Request-ID"]
 
 
+def test_nginx_answers_an_unparsable_request_with_json(api):
+    response = api.get("/v1/models/%00")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "bad_request"
+
+
 def test_nginx_makes_a_request_id_when_none_or_a_bad_one_is_sent(api):
     made = api.get("/healthz").headers["X-Request-ID"]
     assert len(made) == 32
