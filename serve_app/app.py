@@ -6,6 +6,7 @@ from pydantic import BaseModel, Field
 from ray.serve import Application
 
 from deployments.embedding_model import EmbeddingModel
+from deployments.job_worker import JobWorker
 from serve_app.gateway import Gateway
 from serve_app.settings import get_settings
 
@@ -17,6 +18,7 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: dict[str, str] | None = None) -> Application:
-    """Gateway -> EmbeddingModel: the whole synchronous inference path."""
+    """Gateway -> EmbeddingModel for requests; JobWorker -> EmbeddingModel for asynchronous jobs."""
     parsed = AppArgs.model_validate(args or {})
-    return Gateway.bind({parsed.model: EmbeddingModel.bind(parsed.model)})
+    models = {parsed.model: EmbeddingModel.bind(parsed.model)}
+    return Gateway.bind(models, JobWorker.bind(models))

@@ -18,5 +18,11 @@ def get_embedding_service(request: Request) -> EmbeddingService:
     return request.app.state.services.embeddings
 
 
+def get_caller() -> str:
+    """Who is calling. Until API keys arrive (issue 5), every caller is the one tenant "anonymous"."""
+    return "anonymous"
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
+CallerDep = Annotated[str, Depends(get_caller)]
 EmbeddingServiceDep = Annotated[EmbeddingService, Depends(get_embedding_service)]

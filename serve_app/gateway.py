@@ -16,8 +16,8 @@ from serve_app.settings import get_settings
 class Gateway:
     """Validates, answers from the cache, sends misses to the model deployments, records history."""
 
-    def __init__(self, models: dict[str, DeploymentHandle]) -> None:
-        self.services = Services.from_settings(get_settings(), models)
+    def __init__(self, models: dict[str, DeploymentHandle], job_worker: DeploymentHandle | None = None) -> None:
+        self.services = Services.from_settings(get_settings(), models, job_worker)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.services)

@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-import urllib3
 from minio import Minio
 from minio.error import S3Error
 from pydantic import BaseModel
 
+from serve_app.object_store import object_store_client
 from serve_app.settings import Settings
 
 MANIFEST = "manifest.json"
@@ -65,23 +65,6 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: fh.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def object_store_client(settings: Settings, timeout_s: float | None = None) -> Minio:
-    """A minio client; with timeout_s, one that gives up fast (for health checks)."""
-    http_client = None
-    if timeout_s is not None:
-        http_client = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s), retries=urllib3.Retry(total=0)
-        )
-    return Minio(
-        settings.s3_host,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key,
-        secure=settings.s3_secure,
-        region=settings.s3_region,
-        http_client=http_client,
-    )
 
 
 class ModelRepository:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from serve_app.settings import get_settings
@@ -12,6 +13,24 @@ from serve_app.settings import get_settings
 
 def _invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_input", message)
+
+
+def validate_texts(texts: list[str], max_items: int) -> None:
+    """Raise a validation error that names the first text breaking a limit."""
+    max_chars = get_settings().max_text_chars
+    if not texts:
+        raise _invalid("input must hold at least one text")
+    if len(texts) > max_items:
+        raise _invalid(f"input has {len(texts)} texts; at most {max_items} are allowed")
+    for i, text in enumerate(texts):
+        if not text:
+            raise _invalid(f"input[{i}] is empty; every text needs at least one character")
+        if len(text) > max_chars:
+            raise _invalid(f"input[{i}] has {len(text)} characters; the limit is {max_chars}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _invalid(f"input[{i}] is not valid Unicode ({exc.reason})") from exc
 
 
 class EmbeddingRequest(BaseModel):
@@ -31,21 +50,7 @@ class EmbeddingRequest(BaseModel):
     @field_validator("input")
     @classmethod
     def _texts_within_limits(cls, value: str | list[str]) -> str | list[str]:
-        settings = get_settings()
-        texts = [value] if isinstance(value, str) else value
-        if not texts:
-            raise _invalid("input must hold at least one text")
-        if len(texts) > settings.max_items_per_request:
-            raise _invalid(f"input has {len(texts)} texts; at most {settings.max_items_per_request} are allowed")
-        for i, text in enumerate(texts):
-            if not text:
-                raise _invalid(f"input[{i}] is empty; every text needs at least one character")
-            if len(text) > settings.max_text_chars:
-                raise _invalid(f"input[{i}] has {len(text)} characters; the limit is {settings.max_text_chars}")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise _invalid(f"input[{i}] is not valid Unicode ({exc.reason})") from exc
+        validate_texts([value] if isinstance(value, str) else value, get_settings().max_items_per_request)
         return value
 
     @property
@@ -117,3 +122,119 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobRequest(BaseModel):
+    """POST /v1/jobs: texts inline, or a JSON-lines object uploaded through /v1/uploads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, examples=["all-minilm-l6-v2"])
+    input: list[str] | None = Field(None, description="Texts inline (up to INFER_JOB_MAX_INLINE_ITEMS).")
+    input_url: str | None = Field(None, max_length=1024, description="s3://<jobs bucket>/<key> of a JSON-lines file.")
+    upload_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="An id from POST /v1/uploads.")
+    callback_url: str | None = Field(None, max_length=2048, description="POSTed the final job document.")
+
+    @field_validator("input")
+    @classmethod
+    def _texts_within_limits(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            validate_texts(value, get_settings().job_max_inline_items)
+        return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            url = urlparse(value)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise _invalid("callback_url must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JobRequest:
+        given = [name for name in ("input", "input_url", "upload_id") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise _invalid(f"give exactly one of input, input_url or upload_id (got {', '.join(given) or 'none'})")
+        return self
+
+
+class JobProgress(BaseModel):
+    done: int
+    total: int | None
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobCallback(BaseModel):
+    url: str
+    status: Literal["waiting", "pending", "delivered", "failed"] | None
+    attempts: int
+    last_error: str | None
+    delivered_at: str | None
+
+
+class JobDocument(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    model: str
+    status: JobStatusName
+    owner: str | None
+    input: dict
+    progress: JobProgress
+    attempts: int
+    cancel_requested: bool
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    error: JobError | None
+    result_url: str | None = Field(description="Where the result is, once the job has succeeded.")
+    callback: JobCallback | None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobDocument]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null at the end.")
+
+
+class JobResultInline(BaseModel):
+    """A small result, in the embeddings response's shape."""
+
+    object: Literal["list"] = "list"
+    job_id: str
+    model: str
+    version: str
+    data: list[Embedding]
+    usage: Usage
+
+
+class JobResultObject(BaseModel):
+    """A large result: a JSON-lines object ({"index", "embedding", "tokens"} per line) to download."""
+
+    object: Literal["job.result"] = "job.result"
+    job_id: str
+    model: str
+    version: str
+    count: int
+    format: Literal["jsonl"] = "jsonl"
+    bytes: int
+    url: str
+    expires_in_s: int
+
+
+class UploadTicket(BaseModel):
+    """Where to PUT a JSON-lines file of texts (one JSON string, or {"text": ...}, per line)."""
+
+    upload_id: str
+    input_url: str
+    url: str
+    method: Literal["PUT"] = "PUT"
+    headers: dict[str, str]
+    expires_in_s: int

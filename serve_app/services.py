@@ -12,9 +12,13 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.embedding_service import EmbeddingService
 from serve_app.history import HistoryWriter, mongo_client
+from serve_app.job_queue import JobPublisher
+from serve_app.job_service import JobService
+from serve_app.job_store import JobStore
 from serve_app.model_client import ModelClient
 from serve_app.model_repository import ModelRepository
-from serve_app.result_cache import ResultCache
+from serve_app.object_store import JobObjects
+from serve_app.result_cache import GuardedRedis, ResultCache
 from serve_app.schemas import ComponentStatus, Readiness
 from serve_app.settings import Settings
 
@@ -24,29 +28,48 @@ CHECK_TIMEOUT_S = 3.0
 @dataclass
 class Services:
     settings: Settings
-    cache: ResultCache
+    redis: GuardedRedis
     mongo: AsyncMongoClient
     history: HistoryWriter
     repository: ModelRepository
     models: dict[str, ModelClient]
     embeddings: EmbeddingService
+    job_store: JobStore
+    job_publisher: JobPublisher
+    job_objects: JobObjects
+    jobs: JobService
+    job_worker: DeploymentHandle | None
 
     @classmethod
-    def from_settings(cls, settings: Settings, handles: dict[str, DeploymentHandle]) -> Services:
-        cache = ResultCache.from_settings(settings)
+    def from_settings(
+        cls,
+        settings: Settings,
+        handles: dict[str, DeploymentHandle],
+        job_worker: DeploymentHandle | None = None,
+    ) -> Services:
+        redis = GuardedRedis.from_settings(settings)
         mongo = mongo_client(settings)
         models = {
             name: ModelClient(name, handle, refresh_s=settings.model_info_refresh_s, timeout_s=settings.model_timeout_s)
             for name, handle in handles.items()
         }
+        embeddings = EmbeddingService(models, ResultCache(redis, settings.cache_ttl_s))
+        job_store = JobStore(mongo, settings, redis)
+        publisher = JobPublisher(settings)
+        objects = JobObjects(settings)
         return cls(
             settings=settings,
-            cache=cache,
+            redis=redis,
             mongo=mongo,
             history=HistoryWriter.from_settings(settings, mongo),
             repository=ModelRepository.from_settings(settings, timeout_s=CHECK_TIMEOUT_S),
             models=models,
-            embeddings=EmbeddingService(models, cache),
+            embeddings=embeddings,
+            job_store=job_store,
+            job_publisher=publisher,
+            job_objects=objects,
+            jobs=JobService(settings, job_store, publisher, objects, embeddings),
+            job_worker=job_worker,
         )
 
     async def start(self) -> None:
@@ -54,18 +77,22 @@ class Services:
 
     async def stop(self) -> None:
         await self.history.stop()
-        await self.cache.close()
+        await asyncio.to_thread(self.job_publisher.close)
+        await self.redis.close()
         await self.mongo.close()
 
     async def readiness(self) -> Readiness:
         """Each dependency's status. A model down makes us unavailable; anything else, degraded."""
         checks: dict[str, Callable[[], Awaitable[object]]] = {
-            "redis": self.cache.ping,
+            "redis": self.redis.ping,
+            "rabbitmq": self.job_publisher.ping,
             "mongodb": lambda: self.mongo.admin.command("ping"),
             "object_store": lambda: asyncio.to_thread(self.repository.client.bucket_exists, self.repository.bucket),
         }
         for name, client in self.models.items():
             checks[f"model:{name}"] = lambda client=client: client.info(refresh=True)
+        if self.job_worker is not None:
+            checks["job_worker"] = lambda: self.job_worker.consuming.remote()
         results = await asyncio.gather(*(_check(fn) for fn in checks.values()))
         components = dict(zip(checks, results, strict=True))
         if any(status.status == "down" for name, status in components.items() if name.startswith("model:")):

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     s3_access_key: str = "minioadmin"
     s3_secret_key: str = "minioadmin"
     s3_region: str = "us-east-1"
+    s3_public_endpoint: str | None = Field(
+        None, description="Endpoint put in presigned URLs given to clients; default: s3_endpoint."
+    )
     model_bucket: str = "models"
 
     # Models.
@@ -66,6 +69,26 @@ class Settings(BaseSettings):
     # Request limits.
     max_items_per_request: int = 256
     max_text_chars: int = 8192
+
+    # Asynchronous jobs.
+    job_queue: str = "jobs"
+    job_bucket: str = "jobs"
+    job_max_inline_items: int = 5000
+    job_max_items: int = 100_000
+    job_max_input_bytes: int = 256 * 1024 * 1024
+    job_chunk_size: int = 64
+    job_parallel_chunks: int = 4
+    job_inline_result_max_items: int = 1000
+    job_max_attempts: int = 3
+    job_retry_delay_s: float = Field(2.0, description="First retry delay; doubles with each attempt.")
+    job_prefetch: int = 2
+    job_status_ttl_s: int = 300
+    job_presign_expiry_s: int = 3600
+    job_sweep_interval_s: float = 10.0
+    job_publish_grace_s: float = Field(30.0, description="A job still unpublished after this is published again.")
+    callback_timeout_s: float = 10.0
+    callback_max_attempts: int = 4
+    callback_retry_delay_s: float = 0.5
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -101,6 +124,16 @@ class Settings(BaseSettings):
     @property
     def s3_host(self) -> str:
         return urlparse(self.s3_endpoint).netloc
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def job_dead_letter_queue(self) -> str:
+        return f"{self.job_queue}.dead"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def job_retry_queue(self) -> str:
+        return f"{self.job_queue}.retry"
 
 
 @lru_cache

@@ -9,12 +9,13 @@ import pytest
 from redis import Redis
 
 from serve_app.history import HistoryWriter, mongo_client
-from serve_app.result_cache import ResultCache, cache_key, pack, unpack
+from serve_app.result_cache import GuardedRedis, ResultCache, cache_key, pack, unpack
 
 
 def test_cache_stores_with_ttl_and_reads_back(settings):
     async def scenario():
-        cache = ResultCache.from_settings(settings)
+        guard = GuardedRedis.from_settings(settings)
+        cache = ResultCache(guard, settings.cache_ttl_s)
         key = cache_key("test", "1", uuid.uuid4().hex)
         vector = np.arange(384, dtype=np.float32)
         try:
@@ -22,7 +23,7 @@ def test_cache_stores_with_ttl_and_reads_back(settings):
             await cache.put_many({key: pack(vector, 5)})
             [blob] = await cache.get_many([key])
         finally:
-            await cache.close()
+            await guard.close()
         return key, blob
 
     key, blob = asyncio.run(scenario())
@@ -35,17 +36,19 @@ def test_cache_stores_with_ttl_and_reads_back(settings):
 
 def test_cache_without_redis_misses_fast_and_recovers(settings):
     async def scenario():
-        cache = ResultCache.from_settings(settings.model_copy(update={"redis_url": "redis://127.0.0.1:9/0"}))
+        guard = GuardedRedis.from_settings(settings.model_copy(update={"redis_url": "redis://127.0.0.1:9/0"}))
+        cache = ResultCache(guard, settings.cache_ttl_s)
         started = time.perf_counter()
         assert await cache.get_many(["a", "b"]) == [None, None]
         await cache.put_many({"a": b"x"})  # skipped, no error
-        assert not cache.available
+        assert not guard.available
         assert await cache.get_many(["a"]) == [None]
         elapsed = time.perf_counter() - started
-        cache.redis = ResultCache.from_settings(settings).redis  # Redis is back
-        await cache.ping()
-        assert cache.available
-        await cache.close()
+        await guard.close()
+        guard.redis = GuardedRedis.from_settings(settings).redis  # Redis is back
+        await guard.ping()
+        assert guard.available
+        await guard.close()
         return elapsed
 
     assert asyncio.run(scenario()) < settings.redis_timeout_s * 4

@@ -1,0 +1,146 @@
+"""What a job worker does with one delivery of one job.
+
+Idempotent by job id: a job already ended is acknowledged without work; results are written
+under the job's id, so a redelivered job overwrites its own result and never adds another.
+Work goes to the model in chunks through the same embedding service as synchronous requests
+(cache reuse, the model's batching), with progress recorded and cancellation checked per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve_app.embedding_service import EmbeddingService
+from serve_app.errors import APIError
+from serve_app.job_queue import Disposition
+from serve_app.job_store import TERMINAL, JobStatus, JobStore
+from serve_app.object_store import InputError, JobObjects, ObjectRef, parse_text_lines
+from serve_app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """The job was cancelled while running."""
+
+
+@dataclass(frozen=True)
+class Settlement:
+    disposition: Disposition
+    delay_s: float = 0.0
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, store: JobStore, embeddings: EmbeddingService, objects: JobObjects) -> None:
+        self.settings = settings
+        self.store = store
+        self.embeddings = embeddings
+        self.objects = objects
+        self.worker = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    async def run(self, job_id: str) -> Settlement:
+        job = await self.store.get(job_id)
+        if job is None:
+            logger.error("message for unknown job %s dead-lettered", job_id)
+            return Settlement(Disposition.DEAD)
+        if job["status"] in TERMINAL:
+            return Settlement(Disposition.ACK)  # a redelivery of a job already ended
+        if job.get("cancel_requested"):
+            await self.store.finish(job_id, JobStatus.CANCELLED)
+            return Settlement(Disposition.ACK)
+        job = await self.store.claim(job_id, self.worker)
+        if job is None:
+            return Settlement(Disposition.ACK)
+        if job["attempts"] > self.settings.job_max_attempts:
+            return await self._give_up(job)
+        try:
+            texts = await self._texts(job)
+            vectors, tokens, version = await self._embed(job_id, job["model"], texts)
+            result = await self._store_result(job_id, vectors, tokens, version)
+        except JobCancelled:
+            await self.store.finish(job_id, JobStatus.CANCELLED)
+            return Settlement(Disposition.ACK)
+        except (InputError, APIError) as exc:
+            # The job itself is wrong (bad input, a model no longer served): no retry helps.
+            if isinstance(exc, APIError) and exc.status_code >= 500:
+                return await self._retry_later(job, exc)
+            await self.store.finish(job_id, JobStatus.FAILED, error={"type": "invalid_input", "message": str(exc)})
+            return Settlement(Disposition.ACK)
+        except Exception as exc:  # anything else may pass: retry, within the bound
+            return await self._retry_later(job, exc)
+        await self.store.finish(job_id, JobStatus.SUCCEEDED, result=result)
+        return Settlement(Disposition.ACK)
+
+    async def _retry_later(self, job: dict, exc: Exception) -> Settlement:
+        message = f"{type(exc).__name__}: {exc}"
+        logger.warning("job %s attempt %d failed: %s", job["_id"], job["attempts"], message)
+        await self.store.note_error(job["_id"], message)
+        if job["attempts"] >= self.settings.job_max_attempts:
+            return await self._give_up({**job, "last_error": message})
+        return Settlement(Disposition.RETRY, self.settings.job_retry_delay_s * 2 ** (job["attempts"] - 1))
+
+    async def _give_up(self, job: dict) -> Settlement:
+        attempts = self.settings.job_max_attempts
+        reason = f"gave up after {attempts} attempts; last error: {job.get('last_error') or 'the worker stopped'}"
+        await self.store.finish(job["_id"], JobStatus.FAILED, error={"type": "attempts_exhausted", "message": reason})
+        return Settlement(Disposition.DEAD)
+
+    async def _texts(self, job: dict) -> list[str]:
+        source = job["input"]
+        if source["kind"] == "inline":
+            texts = await self.store.inline_texts(job["_id"])
+            if texts is None:
+                raise InputError("the job's inline input is missing")
+            return texts
+        ref = ObjectRef.parse(source["url"])
+        await asyncio.to_thread(self.objects.check_input, ref)
+        return await asyncio.to_thread(
+            lambda: parse_text_lines(
+                self.objects.read_lines(ref),
+                max_items=self.settings.job_max_items,
+                max_chars=self.settings.max_text_chars,
+            )
+        )
+
+    async def _embed(self, job_id: str, model: str, texts: list[str]) -> tuple[np.ndarray, list[int], str]:
+        """Chunks to the model, a few at a time, in order; progress after each window."""
+        size, window = self.settings.job_chunk_size, self.settings.job_parallel_chunks
+        chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+        vectors: list[np.ndarray] = []
+        tokens: list[int] = []
+        versions: set[str] = set()
+        await self.store.record_progress(job_id, 0, len(texts))
+        for start in range(0, len(chunks), window):
+            if await self.store.cancel_requested(job_id):
+                raise JobCancelled
+            outcomes = await asyncio.gather(
+                *(self.embeddings.embed(model, chunk) for chunk in chunks[start : start + window])
+            )
+            for outcome in outcomes:
+                vectors.append(outcome.vectors)
+                tokens.extend(outcome.token_counts)
+                versions.add(outcome.version)
+            await self.store.record_progress(job_id, len(tokens), len(texts))
+        if len(versions) > 1:
+            raise RuntimeError(f"the model changed version during the job ({sorted(versions)}); retrying")
+        return np.concatenate(vectors), tokens, versions.pop()
+
+    async def _store_result(self, job_id: str, vectors: np.ndarray, tokens: list[int], version: str) -> dict:
+        result = {
+            "count": len(tokens),
+            "dims": int(vectors.shape[1]),
+            "version": version,
+            "prompt_tokens": int(sum(tokens)),
+        }
+        if len(tokens) <= self.settings.job_inline_result_max_items:
+            await self.store.save_inline_result(job_id, version, vectors, tokens)
+            return {**result, "kind": "inline"}
+        ref = await asyncio.to_thread(self.objects.write_result, job_id, vectors, tokens)
+        size = await asyncio.to_thread(self.objects.result_size, ref)
+        return {**result, "kind": "object", "url": ref.url, "bytes": size}

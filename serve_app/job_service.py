@@ -1,0 +1,121 @@
+"""Jobs from the gateway's side: accept (MongoDB first, then a confirmed publish), cancel, fetch results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from serve_app.embedding_service import EmbeddingService
+from serve_app.errors import APIError, InvalidRequestError, ServiceUnavailableError
+from serve_app.job_queue import JobPublisher, PublishError
+from serve_app.job_store import TERMINAL, JobStatus, JobStore, new_job_id, now
+from serve_app.object_store import InputError, JobObjects, ObjectRef
+from serve_app.schemas import JobRequest
+from serve_app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class JobNotFoundError(APIError):
+    status_code = 404
+    code = "job_not_found"
+
+
+class JobStateError(APIError):
+    status_code = 409
+    code = "job_state"
+
+
+class JobService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        publisher: JobPublisher,
+        objects: JobObjects,
+        embeddings: EmbeddingService,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+        self.objects = objects
+        self.embeddings = embeddings
+
+    async def submit(self, request: JobRequest, owner: str) -> dict:
+        """The job document once it is stored and its message confirmed by RabbitMQ."""
+        self.embeddings.model(request.model)  # an unknown model is refused here, not by a worker
+        if request.input is not None:
+            source = {"kind": "inline", "count": len(request.input)}
+        else:
+            ref = self._input_ref(request)
+            try:
+                await asyncio.to_thread(self.objects.check_input, ref)
+            except InputError as exc:
+                raise InvalidRequestError(str(exc), param="upload_id" if request.upload_id else "input_url") from exc
+            source = {"kind": "object", "url": ref.url}
+        job_id = new_job_id()
+        doc = {
+            "_id": job_id,
+            "owner": owner,
+            "model": request.model,
+            "status": JobStatus.QUEUED,
+            "input": source,
+            "progress": {"done": 0, "total": len(request.input) if request.input is not None else None},
+            "attempts": 0,
+            "cancel_requested": False,
+            "created_at": now(),
+            "started_at": None,
+            "finished_at": None,
+            "published_at": None,
+            "error": None,
+            "result": None,
+            "callback": {"url": request.callback_url, "status": "waiting", "attempts": 0}
+            if request.callback_url
+            else None,
+        }
+        await self.store.create(doc, request.input)
+        try:
+            await self.publisher.publish(job_id)
+        except PublishError as exc:
+            logger.error("job %s not queued: %s", job_id, exc)
+            await self.store.finish(
+                job_id, JobStatus.FAILED, error={"type": "not_queued", "message": f"the job queue refused it: {exc}"}
+            )
+            raise ServiceUnavailableError("the job queue is unavailable; the job was not accepted") from exc
+        await self.store.mark_published(job_id)
+        return await self.store.get(job_id) or doc
+
+    def _input_ref(self, request: JobRequest) -> ObjectRef:
+        if request.upload_id is not None:
+            return ObjectRef(self.objects.bucket, f"uploads/{request.upload_id}.jsonl")
+        try:
+            return ObjectRef.parse(request.input_url or "")
+        except InputError as exc:
+            raise InvalidRequestError(str(exc), param="input_url") from exc
+
+    async def owned(self, job_id: str, owner: str) -> dict:
+        """A job of this owner; another owner's job is exactly as missing as no job."""
+        status = await self.store.status(job_id)
+        if status is None or status.get("owner") != owner:
+            raise JobNotFoundError(f"no job {job_id!r}", param="id")
+        return status
+
+    async def cancel(self, job_id: str, owner: str) -> dict:
+        current = await self.owned(job_id, owner)
+        if current["status"] in TERMINAL:
+            raise JobStateError(f"job {job_id} has already {current['status']}; there is nothing to cancel")
+        doc = await self.store.request_cancel(job_id, owner)
+        if doc is None:
+            raise JobNotFoundError(f"no job {job_id!r}", param="id")
+        return doc
+
+    async def finished(self, job_id: str, owner: str) -> dict:
+        """The stored document of a job that has succeeded; 409 while it has not."""
+        status = await self.owned(job_id, owner)
+        if status["status"] != JobStatus.SUCCEEDED:
+            detail = f": {status['error']['message']}" if status.get("error") else ""
+            raise JobStateError(f"job {job_id} is {status['status']}{detail}; a result exists once it has succeeded")
+        doc = await self.store.get(job_id)
+        if doc is None or not doc.get("result"):
+            raise JobNotFoundError(f"job {job_id} has no stored result", param="id")
+        return doc

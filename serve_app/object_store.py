@@ -1,0 +1,167 @@
+"""The S3 object store (MinIO in production): the client, and the objects of asynchronous jobs."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from urllib.parse import urlparse
+
+import numpy as np
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from serve_app.settings import Settings
+
+UPLOAD_CONTENT_TYPE = "application/x-ndjson"
+
+
+def object_store_client(settings: Settings, timeout_s: float | None = None, *, endpoint: str | None = None) -> Minio:
+    """A minio client; with timeout_s, one that gives up fast (for health checks)."""
+    url = urlparse(endpoint or settings.s3_endpoint)
+    http_client = None
+    if timeout_s is not None:
+        http_client = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s), retries=urllib3.Retry(total=0)
+        )
+    return Minio(
+        url.netloc,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=url.scheme == "https",
+        region=settings.s3_region,
+        http_client=http_client,
+    )
+
+
+class InputError(ValueError):
+    """A job's input cannot be used; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    bucket: str
+    key: str
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    @classmethod
+    def parse(cls, url: str) -> ObjectRef:
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc or not parsed.path.strip("/"):
+            raise InputError(f"{url!r} is not an s3://bucket/key URL")
+        return cls(parsed.netloc, parsed.path.lstrip("/"))
+
+
+class JobObjects:
+    """Uploads (job inputs) and large job results in the jobs bucket, with presigned URLs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bucket = settings.job_bucket
+        self.client = object_store_client(settings)
+        # Presigning is computed locally; URLs name the endpoint clients can reach.
+        self.presigner = object_store_client(settings, endpoint=settings.s3_public_endpoint or settings.s3_endpoint)
+        self.expiry = timedelta(seconds=settings.job_presign_expiry_s)
+        self._bucket_ready = False
+
+    def ensure_bucket(self) -> None:
+        if not self._bucket_ready:
+            if not self.client.bucket_exists(self.bucket):
+                try:
+                    self.client.make_bucket(self.bucket)
+                except S3Error as exc:
+                    if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                        raise
+            self._bucket_ready = True
+
+    def new_upload(self) -> tuple[ObjectRef, str]:
+        """A fresh key for a JSON-lines file of texts, and a presigned PUT URL for it."""
+        self.ensure_bucket()
+        ref = ObjectRef(self.bucket, f"uploads/{uuid.uuid4().hex}.jsonl")
+        return ref, self.presigner.presigned_put_object(ref.bucket, ref.key, expires=self.expiry)
+
+    def check_input(self, ref: ObjectRef) -> int:
+        """The size of an input object; InputError if it is not one a job may read."""
+        if ref.bucket != self.bucket:
+            raise InputError(f"jobs read inputs from s3://{self.bucket}/ only, not {ref.url}")
+        try:
+            size = self.client.stat_object(ref.bucket, ref.key).size or 0
+        except S3Error as exc:
+            if exc.code in {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}:
+                raise InputError(
+                    f"{ref.url} does not exist; upload it first (PUT to the URL from /v1/uploads)"
+                ) from exc
+            raise
+        if size == 0:
+            raise InputError(f"{ref.url} is empty")
+        if size > self.settings.job_max_input_bytes:
+            raise InputError(f"{ref.url} is {size} bytes; the limit is {self.settings.job_max_input_bytes}")
+        return size
+
+    def read_lines(self, ref: ObjectRef) -> Iterator[bytes]:
+        response = self.client.get_object(ref.bucket, ref.key)
+        try:
+            pending = b""
+            for block in response.stream(1 << 20):
+                pending += block
+                *lines, pending = pending.split(b"\n")
+                yield from lines
+            if pending:
+                yield pending
+        finally:
+            response.close()
+            response.release_conn()
+
+    def write_result(self, job_id: str, vectors: np.ndarray, token_counts: list[int]) -> ObjectRef:
+        """Write results as JSON lines ({"index", "embedding", "tokens"}); the same job id, the same key."""
+        self.ensure_bucket()
+        ref = ObjectRef(self.bucket, f"results/{job_id}.jsonl")
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=True) as out:
+            for i, (row, tokens) in enumerate(zip(vectors, token_counts, strict=True)):
+                out.write(json.dumps({"index": i, "embedding": row.tolist(), "tokens": tokens}) + "\n")
+            out.flush()
+            self.client.fput_object(ref.bucket, ref.key, out.name, content_type=UPLOAD_CONTENT_TYPE)
+        return ref
+
+    def result_size(self, ref: ObjectRef) -> int:
+        return self.client.stat_object(ref.bucket, ref.key).size or 0
+
+    def download_url(self, ref: ObjectRef) -> str:
+        return self.presigner.presigned_get_object(ref.bucket, ref.key, expires=self.expiry)
+
+
+def parse_text_lines(lines: Iterator[bytes], *, max_items: int, max_chars: int) -> list[str]:
+    """Texts from JSON lines: each line a JSON string or an object with a "text" string."""
+    texts: list[str] = []
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            value = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"line {number} is not valid JSON: {exc}") from exc
+        text = value.get("text") if isinstance(value, dict) else value
+        if not isinstance(text, str):
+            raise InputError(f'line {number} must be a JSON string or an object with a "text" string')
+        if not text:
+            raise InputError(f"line {number} is an empty text")
+        if len(text) > max_chars:
+            raise InputError(f"line {number} has {len(text)} characters; the limit is {max_chars}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"line {number} is not valid Unicode ({exc.reason})") from exc
+        texts.append(text)
+        if len(texts) > max_items:
+            raise InputError(f"the input has more than {max_items} texts")
+    if not texts:
+        raise InputError("the input holds no texts")
+    return texts

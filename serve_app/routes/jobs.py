@@ -1,0 +1,115 @@
+"""Asynchronous jobs: /v1/uploads and /v1/jobs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Path, Query, Request, Response
+
+from serve_app.deps import CallerDep, ServicesDep
+from serve_app.job_service import JobNotFoundError
+from serve_app.job_store import public_view
+from serve_app.object_store import UPLOAD_CONTENT_TYPE, ObjectRef
+from serve_app.schemas import (
+    Embedding,
+    ErrorResponse,
+    JobDocument,
+    JobList,
+    JobRequest,
+    JobResultInline,
+    JobResultObject,
+    JobStatusName,
+    UploadTicket,
+    Usage,
+)
+
+router = APIRouter(tags=["jobs"])
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, description="The job's id.")]
+ERRORS = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+
+
+@router.post("/v1/uploads", response_model=UploadTicket, status_code=201, responses=ERRORS)
+async def create_upload(services: ServicesDep) -> UploadTicket:
+    """A presigned PUT URL for a JSON-lines file of texts, to submit as a job's input."""
+    ref, url = await asyncio.to_thread(services.job_objects.new_upload)
+    return UploadTicket(
+        upload_id=ref.key.removeprefix("uploads/").removesuffix(".jsonl"),
+        input_url=ref.url,
+        url=url,
+        headers={"Content-Type": UPLOAD_CONTENT_TYPE},
+        expires_in_s=services.settings.job_presign_expiry_s,
+    )
+
+
+@router.post(
+    "/v1/jobs", response_model=JobDocument, status_code=202, responses={400: {"model": ErrorResponse}, **ERRORS}
+)
+async def submit_job(body: JobRequest, request: Request, response: Response, services: ServicesDep, caller: CallerDep):
+    """Accept a job: 202 at once with its id, status URL (Location) and document."""
+    request.state.history = {"model": body.model, "items": len(body.input) if body.input else None, "kind": "job"}
+    doc = await services.jobs.submit(body, caller)
+    request.state.history["job_id"] = doc["_id"]
+    response.headers["Location"] = f"/v1/jobs/{doc['_id']}"
+    return public_view(doc)
+
+
+@router.get("/v1/jobs", response_model=JobList)
+async def list_jobs(
+    services: ServicesDep,
+    caller: CallerDep,
+    status: JobStatusName | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> JobList:
+    """The caller's jobs, newest first, a page at a time, optionally of one status."""
+    docs = await services.job_store.list(caller, status=status, limit=limit + 1, before=cursor)
+    page = docs[:limit]
+    return JobList(
+        data=[JobDocument.model_validate(public_view(d)) for d in page],
+        next_cursor=page[-1]["_id"] if len(docs) > limit else None,
+    )
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobDocument, responses=ERRORS)
+async def get_job(job_id: JobId, services: ServicesDep, caller: CallerDep):
+    """A job's status, progress, timings, and its error when it failed."""
+    return await services.jobs.owned(job_id, caller)
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobDocument, responses=ERRORS)
+async def cancel_job(job_id: JobId, services: ServicesDep, caller: CallerDep):
+    """Cancel a job: a queued one at once, a running one at its next chunk."""
+    return public_view(await services.jobs.cancel(job_id, caller))
+
+
+@router.get("/v1/jobs/{job_id}/result", response_model=JobResultInline | JobResultObject, responses=ERRORS)
+async def get_job_result(job_id: JobId, services: ServicesDep, caller: CallerDep):
+    """The embeddings inline when small; otherwise a presigned URL of a JSON-lines object."""
+    doc = await services.jobs.finished(job_id, caller)
+    result = doc["result"]
+    if result["kind"] == "object":
+        ref = ObjectRef.parse(result["url"])
+        return JobResultObject(
+            job_id=job_id,
+            model=doc["model"],
+            version=result["version"],
+            count=result["count"],
+            bytes=result["bytes"],
+            url=await asyncio.to_thread(services.job_objects.download_url, ref),
+            expires_in_s=services.settings.job_presign_expiry_s,
+        )
+    stored = await services.job_store.inline_result(job_id)
+    if stored is None:
+        raise JobNotFoundError(f"job {job_id} has no stored result", param="id")
+    vectors, tokens = stored
+    total = int(np.sum(tokens))
+    return JobResultInline(
+        job_id=job_id,
+        model=doc["model"],
+        version=result["version"],
+        data=[Embedding(index=i, embedding=v) for i, v in enumerate(vectors.tolist())],
+        usage=Usage(prompt_tokens=total, total_tokens=total),
+    )
