@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := redis-server rabbitmq-server nginx libcurl4 libssl3
+APT_PACKAGES := redis-server rabbitmq-server nginx libcurl4 libssl3 python3-venv
 export RAY_AUTH_MODE ?= disabled
 
 .PHONY: help install up down status deploy test test-unit lint clean
@@ -14,7 +14,7 @@ help:  ## list the commands
 
 install: $(STAMP)  ## install system packages and the Python environment (idempotent)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml
 	fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned, so nothing later resolves an unpinned (CUDA) build.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first and pinned, so nothing later resolves an unpinned build. Where PyPI's torch is the
+	# CUDA build and you want CPU only: make install TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+	$(PY) -m pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 

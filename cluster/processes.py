@@ -10,9 +10,24 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def _identity(pid: int) -> str | None:
+    """pid, start time and boot id: what tells our process from a later one given the same pid."""
+    try:
+        start_time = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+        return f"{pid} {start_time} {BOOT_ID.read_text().strip()}"
+    except (OSError, IndexError):
+        return None
+
 
 class ManagedProcess:
-    """One long-running program started in its own session, with its pid under <state>/run/."""
+    """One long-running program started in its own session, with its pid under <state>/run/.
+
+    The pid file holds the pid, the process's start time and the boot id, so a pid reused by
+    another program after a crash or reboot is never taken for ours.
+    """
 
     def __init__(self, name: str, state_dir: Path) -> None:
         self.name = name
@@ -22,10 +37,11 @@ class ManagedProcess:
     @property
     def pid(self) -> int | None:
         try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
+            recorded = self.pid_file.read_text().strip()
+            pid = int(recorded.split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
             return None
-        return pid if _alive(pid) else None
+        return pid if _alive(pid) and _identity(pid) == recorded else None
 
     @property
     def running(self) -> bool:
@@ -45,7 +61,7 @@ class ManagedProcess:
                 cwd=cwd,
                 start_new_session=True,
             )
-        self.pid_file.write_text(str(proc.pid))
+        self.pid_file.write_text(_identity(proc.pid) or str(proc.pid))
         return proc.pid
 
     def stop(self, timeout_s: float = 20.0, *, before: Callable[[], None] | None = None) -> bool:
@@ -64,11 +80,12 @@ class ManagedProcess:
                 before()
         for member in tree:
             _signal_group(member, signal.SIGTERM)
+        identities = {member: _identity(member) for member in tree}
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(_alive(p) for p in tree):
             time.sleep(0.2)
         for member in tree:
-            if _alive(member):
+            if _alive(member) and _identity(member) == identities[member]:
                 _signal_group(member, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True
@@ -92,7 +109,7 @@ def _alive(pid: int) -> bool:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
 

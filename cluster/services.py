@@ -348,24 +348,23 @@ class Nginx(Service):
         )
 
     def write_config(self) -> bool:
-        """Render the config; True if it changed."""
+        """Render the config, have NGINX test it, then put it in place; True if it changed."""
         rendered = self.render()
         old = self.conf_path.read_text() if self.conf_path.exists() else None
         if rendered == old:
             return False
-        self.conf_path.write_text(rendered)
-        self._check_config()
-        return True
-
-    def _check_config(self) -> None:
+        candidate = self.conf_path.with_suffix(".conf.new")
+        candidate.write_text(rendered)
         result = subprocess.run(
-            [_require("nginx"), "-t", "-q", "-p", str(self.prefix), "-c", str(self.conf_path), "-e", "stderr"],
+            [_require("nginx"), "-t", "-q", "-p", str(self.prefix), "-c", str(candidate), "-e", "stderr"],
             capture_output=True,
             text=True,
             check=False,
         )
         if result.returncode != 0:
-            raise ServiceError(f"nginx rejected {self.conf_path}:\n{result.stderr}")
+            raise ServiceError(f"nginx rejected the rendered config {candidate}:\n{result.stderr}")
+        os.replace(candidate, self.conf_path)
+        return True
 
     def ensure(self) -> str:
         changed = self.write_config()

@@ -9,12 +9,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field
+import numpy as np
+from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve import metrics
 
 from serve_app.model_contract import EmbeddingBatch, ModelInfo
-from serve_app.model_repository import Manifest, ModelRepository
+from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
 
 if TYPE_CHECKING:
@@ -32,6 +33,11 @@ class ModelConfig(BaseModel):
     forward_batch_size: int = Field(32, ge=1, description="Texts per forward pass within a batch.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: Ray's num_cpus.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("version")
+    @classmethod
+    def _plain_version(cls, value: str) -> str:
+        return check_name("version", value)
 
 
 @dataclass(frozen=True)
@@ -73,28 +79,33 @@ class EmbeddingModel:
         self.batch_texts.set_default_tags({"model": model_name})
 
     async def reconfigure(self, user_config: dict) -> None:
-        """Apply a new user_config; a new version is loaded beside the old one, then swapped in."""
+        """Apply a new user_config; a new version is loaded beside the old one, then swapped in.
+
+        The new config takes effect only once its model is loaded: a failed load leaves the
+        replica serving what it served, and the same config can be applied again.
+        """
         config = ModelConfig.model_validate(user_config)
-        self._embed_batch.set_max_batch_size(config.max_batch_texts)
-        self._embed_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         needs_load = (
             self.loaded is None
             or config.version != self.config.version
             or config.device != self.config.device
             or config.forward_batch_size != self.config.forward_batch_size
         )
+        if needs_load:
+            loaded = await asyncio.to_thread(self._load, config)
+        _set_torch_threads(config.torch_threads)
+        self._embed_batch.set_max_batch_size(config.max_batch_texts)
+        self._embed_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.config = config
         if needs_load:
-            self.loaded = await asyncio.to_thread(self._load, config)
-            logger.info("serving %s version %s from %s", self.model_name, config.version, self.loaded.source)
+            self.loaded = loaded
+            logger.info("serving %s version %s from %s", self.model_name, config.version, loaded.source)
 
     def _load(self, config: ModelConfig) -> LoadedModel:
         import torch
 
         from deployments.encoder import SentenceEncoder
 
-        threads = config.torch_threads or max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1"))))
-        torch.set_num_threads(threads)
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,17 +141,29 @@ class EmbeddingModel:
 
     async def embed(self, texts: list[str]) -> EmbeddingBatch:
         """Embeddings of texts, in order; long lists are split so each part fits one batch."""
-        step = self.config.max_batch_texts
-        parts = await asyncio.gather(*(self._embed_batch(texts[i : i + step]) for i in range(0, len(texts), step)))
+        parts = await asyncio.gather(*(self._embed_part(part) for part in self._split(texts)))
         versions = {p.version for p in parts}
         if len(versions) > 1:  # a version swap landed between parts: answer from one version
             return await self.embed(texts)
         return EmbeddingBatch(
             model=self.model_name,
             version=parts[0].version,
-            vectors=parts[0].vectors if len(parts) == 1 else _concat([p.vectors for p in parts]),
+            vectors=parts[0].vectors if len(parts) == 1 else np.concatenate([p.vectors for p in parts]),
             token_counts=[n for p in parts for n in p.token_counts],
         )
+
+    def _split(self, texts: list[str]) -> list[list[str]]:
+        step = self.config.max_batch_texts
+        return [texts[i : i + step] for i in range(0, len(texts), step)]
+
+    async def _embed_part(self, texts: list[str]) -> EmbeddingBatch:
+        try:
+            return await self._embed_batch(texts)
+        except RuntimeError:
+            # max_batch_texts shrank after this part was cut: Serve refuses it; cut it again.
+            if len(texts) <= self.config.max_batch_texts:
+                raise
+            return await self.embed(texts)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_texts_in)
     async def _embed_batch(self, requests: list[list[str]]) -> list[EmbeddingBatch]:
@@ -169,7 +192,8 @@ class EmbeddingModel:
         return self.loaded
 
 
-def _concat(arrays: list):
-    import numpy as np
+def _set_torch_threads(threads: int | None) -> None:
+    """torch intra-op threads: the config's, else as many as Ray gave the replica (OMP_NUM_THREADS)."""
+    import torch
 
-    return np.concatenate(arrays)
+    torch.set_num_threads(threads or max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))

@@ -8,7 +8,7 @@ import numpy as np
 
 from serve_app.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.model_client import ModelClient
-from serve_app.result_cache import ResultCache, cache_key, pack, unpack
+from serve_app.result_cache import ResultCache, cache_key, pack, packed_size, unpack
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,11 @@ class EmbeddingService:
         unique = list(dict.fromkeys(texts))
         version = info.version
         keys = [cache_key(model_name, version, text) for text in unique]
+        expected_size = packed_size(info.dims)
         found = {
             text: unpack(blob)
             for text, blob in zip(unique, await self.cache.get_many(keys), strict=True)
-            if blob is not None
+            if blob is not None and len(blob) == expected_size  # anything else is not ours: a miss
         }
         misses = [text for text in unique if text not in found]
         results = dict(found)

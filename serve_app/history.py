@@ -17,7 +17,14 @@ from datetime import UTC, datetime
 from bson import ObjectId
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    NetworkTimeout,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 
 from serve_app.settings import Settings
 
@@ -60,6 +67,7 @@ class HistoryWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._indexes_ready = False
+        self._healthy = True  # while MongoDB fails, full batches wait for the backoff, not wake it
 
     @classmethod
     def from_settings(cls, settings: Settings, client: AsyncMongoClient) -> HistoryWriter:
@@ -80,7 +88,7 @@ class HistoryWriter:
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 logger.warning("history buffer full; %d records dropped so far", self.dropped)
-        if len(self.buffer) >= self.batch_size:
+        if len(self.buffer) >= self.batch_size and self._healthy:
             self._wake.set()
 
     def start(self) -> None:
@@ -90,7 +98,7 @@ class HistoryWriter:
     async def stop(self, timeout_s: float = 5.0) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
         with contextlib.suppress(PyMongoError, TimeoutError):
@@ -113,7 +121,7 @@ class HistoryWriter:
         self._indexes_ready = True
 
     async def flush(self) -> bool:
-        """Write up to one batch; True if it was written (or was already there)."""
+        """Write up to one batch; False if MongoDB was unreachable (the batch is kept for later)."""
         batch = [self.buffer.popleft() for _ in range(min(self.batch_size, len(self.buffer)))]
         if not batch:
             return True
@@ -121,18 +129,31 @@ class HistoryWriter:
             await self.collection.insert_many(batch, ordered=False)
         except BulkWriteError as exc:
             # A retried batch may be partly stored already: duplicates of our own ids are fine.
-            others = [e for e in exc.details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY]
+            errors = exc.details.get("writeErrors", [])
+            others = [e for e in errors if e.get("code") != DUPLICATE_KEY]
             if others:
-                logger.error("history insert failed for %d records: %s", len(others), others[0].get("errmsg"))
-        except PyMongoError as exc:
-            self.buffer.extendleft(reversed(batch))
+                logger.error("history: %d records refused: %s", len(others), others[0].get("errmsg"))
+            self.written += len(batch) - len(others)
+            return True
+        except (ConnectionFailure, ServerSelectionTimeoutError, NetworkTimeout) as exc:
+            self._requeue(batch)
             logger.warning("history write deferred (%d buffered): %s", len(self.buffer), exc)
             return False
-        except BaseException:  # cancelled mid-write: the batch goes back, to be written later
-            self.buffer.extendleft(reversed(batch))
+        except asyncio.CancelledError:  # cancelled mid-write: the batch goes back, to be written later
+            self._requeue(batch)
             raise
+        except Exception as exc:  # a batch MongoDB will never take (it cannot be encoded, say)
+            logger.error("history: dropping %d records MongoDB refused: %r", len(batch), exc)
+            self.dropped += len(batch)
+            return True
         self.written += len(batch)
         return True
+
+    def _requeue(self, batch: list[dict]) -> None:
+        self.buffer.extendleft(reversed(batch))
+        while len(self.buffer) > self.buffer_size:
+            self.buffer.popleft()
+            self.dropped += 1
 
     async def _run(self) -> None:
         backoff = self.flush_interval_s
@@ -148,6 +169,8 @@ class HistoryWriter:
                     if not await self.flush():
                         raise ConnectionError("history flush failed")
                 backoff = self.flush_interval_s
-            except (PyMongoError, ConnectionError) as exc:
+                self._healthy = True
+            except Exception as exc:  # the writer outlives any one failure
+                self._healthy = False
                 backoff = min(backoff * 2, 30.0)
-                logger.debug("history writer backing off %.1fs: %s", backoff, exc)
+                logger.debug("history writer backing off %.1fs: %r", backoff, exc)

@@ -24,13 +24,21 @@ class ModelClient:
         self.timeout_s = timeout_s
         self._info: ModelInfo | None = None
         self._info_at = 0.0
+        self._refreshing = asyncio.Lock()
 
     async def info(self, *, refresh: bool = False) -> ModelInfo:
-        """What the model serves now; cached for `refresh_s` unless refresh is asked."""
-        if refresh or self._info is None or time.monotonic() - self._info_at > self.refresh_s:
-            self._info = await self._call("info", timeout_s=min(self.timeout_s, 10.0))
-            self._info_at = time.monotonic()
-        return self._info
+        """What the model serves now; cached for `refresh_s` unless refresh is asked.
+
+        One call refreshes at a time; requests arriving meanwhile share its answer.
+        """
+        asked_at = time.monotonic()
+        if not refresh and self._info is not None and asked_at - self._info_at <= self.refresh_s:
+            return self._info
+        async with self._refreshing:
+            if self._info is None or self._info_at < asked_at:
+                self._info = await self._call("info", timeout_s=min(self.timeout_s, 10.0))
+                self._info_at = time.monotonic()
+            return self._info
 
     def forget_info(self) -> None:
         self._info = None

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,20 @@ class ModelNotFoundError(LookupError):
 
 class ChecksumMismatchError(ValueError):
     """A downloaded file does not match the sha256 its manifest records."""
+
+
+class VersionConflictError(ValueError):
+    """A version already exists with other files: versions are immutable, push a new one."""
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Model names and versions become S3 keys, directories and HTTP headers: keep them plain."""
+    if not NAME_PATTERN.match(value) or ".." in value:
+        raise ValueError(f"{kind} {value!r} must be 1-128 characters of letters, digits, '.', '_' or '-'")
+    return value
 
 
 class ManifestFile(BaseModel):
@@ -86,7 +101,13 @@ class ModelRepository:
             self.client.make_bucket(self.bucket)
 
     def push(self, local_dir: Path, name: str, version: str, *, framework: str, task: str, dims: int) -> Manifest:
-        """Upload every file of local_dir as name/version; unchanged versions are left as they are."""
+        """Upload every file of local_dir as name/version; pushing the same files again changes nothing.
+
+        A version is immutable: the same name and version with other files is refused, because
+        caches (Redis results, node-local weights) are keyed by name and version.
+        """
+        check_name("model name", name)
+        check_name("version", version)
         files = [
             ManifestFile(path=p.relative_to(local_dir).as_posix(), size=p.stat().st_size, sha256=sha256_of(p))
             for p in sorted(local_dir.rglob("*"))
@@ -105,7 +126,12 @@ class ModelRepository:
             existing = self.manifest(name, version)
         except ModelNotFoundError:
             existing = None
-        if existing is not None and existing.digest == candidate.digest:
+        if existing is not None:
+            if existing.digest != candidate.digest:
+                raise VersionConflictError(
+                    f"{self.uri(name, version)} already holds other files (digest {existing.digest[:12]}); "
+                    "versions are immutable: push these as a new version"
+                )
             return existing
         self.ensure_bucket()
         prefix = f"{name}/{version}/"
@@ -157,9 +183,14 @@ class ModelRepository:
         Replicas on the same node that start together serialise on a file lock; the first
         downloads, the others find the verified marker and return at once.
         """
+        check_name("model name", name)
+        check_name("version", version)
         manifest = self.manifest(name, version)
         target = cache_root / name / version
         target.mkdir(parents=True, exist_ok=True)
+        for f in manifest.files:
+            if not (target / f.path).resolve().is_relative_to(target.resolve()):
+                raise ChecksumMismatchError(f"manifest path {f.path!r} leaves the model directory")
         marker = target / VERIFIED_MARKER
         with _exclusive_lock(cache_root / name / f".{version}.lock"):
             if marker.exists() and marker.read_text() == manifest.digest:

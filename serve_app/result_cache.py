@@ -33,6 +33,10 @@ def pack(vector: np.ndarray, token_count: int) -> bytes:
     return _TOKENS.pack(token_count) + vector.astype("<f4", copy=False).tobytes()
 
 
+def packed_size(dims: int) -> int:
+    return _TOKENS.size + 4 * dims
+
+
 def unpack(blob: bytes) -> tuple[np.ndarray, int]:
     (token_count,) = _TOKENS.unpack_from(blob)
     return np.frombuffer(blob, dtype="<f4", offset=_TOKENS.size), token_count

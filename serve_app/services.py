@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pymongo import AsyncMongoClient
 from ray.serve.handle import DeploymentHandle
@@ -39,6 +39,8 @@ class Services:
     job_objects: JobObjects
     jobs: JobService
     job_worker: DeploymentHandle | None
+    _readiness: tuple[float, Readiness] | None = None
+    _readiness_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def from_settings(
@@ -76,13 +78,21 @@ class Services:
         self.history.start()
 
     async def stop(self) -> None:
-        await self.history.stop()
-        await asyncio.to_thread(self.job_publisher.close)
-        await self.redis.close()
-        await self.mongo.close()
+        try:
+            await self.history.stop()
+            await asyncio.to_thread(self.job_publisher.close)
+        finally:
+            await self.redis.close()
+            await self.mongo.close()
 
     async def readiness(self) -> Readiness:
-        """Each dependency's status. A model down makes us unavailable; anything else, degraded."""
+        """Each dependency's status (at most a second old). A model down: unavailable; else degraded."""
+        async with self._readiness_lock:
+            if self._readiness is None or time.monotonic() - self._readiness[0] > self.settings.readiness_cache_s:
+                self._readiness = (time.monotonic(), await self._check_all())
+            return self._readiness[1]
+
+    async def _check_all(self) -> Readiness:
         checks: dict[str, Callable[[], Awaitable[object]]] = {
             "redis": self.redis.ping,
             "rabbitmq": self.job_publisher.ping,

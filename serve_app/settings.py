@@ -26,7 +26,7 @@ class Settings(BaseSettings):
         description="Every node's Serve proxy (host:port) that NGINX balances over.",
     )
     nginx_client_max_body_size: str = "4m"
-    nginx_proxy_read_timeout_s: int = 60
+    nginx_proxy_read_timeout_s: int = Field(75, description="Longer than model_timeout_s, so the gateway's 503 wins.")
     serve_host: str = "127.0.0.1"
     serve_port: int = 8000
     ray_gcs_port: int = 6380
@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = None
     ray_object_store_bytes: int = 512 * 1024 * 1024
     serve_app_name: str = "inference"
+    readiness_cache_s: float = Field(1.0, description="Probes of /readyz share one set of checks this long.")
     ready_timeout_s: float = 300.0
 
     # Stateful services.

@@ -9,8 +9,6 @@ import pytest
 from cluster import local
 from serve_app.settings import Settings, get_settings
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:

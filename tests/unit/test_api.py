@@ -28,6 +28,7 @@ def client(handle, monkeypatch):
         "REDIS_TIMEOUT_S": "0.2",
         "MONGO_TIMEOUT_S": "0.2",
         "MAX_ITEMS_PER_REQUEST": "4",
+        "READINESS_CACHE_S": "0",
     }.items():
         monkeypatch.setenv(f"INFER_{name}", value)
     get_settings.cache_clear()
