@@ -33,6 +33,7 @@ def ray_env(settings: Settings) -> dict[str, str]:
     # The local cluster binds to loopback only; token auth is for clusters on a network (see README).
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_metrics_report_interval_ms", "2000")  # metrics fresh enough for the benchmark
     env["INFER_STATE_DIR"] = str(settings.state_dir)
     return env
 
@@ -225,6 +226,8 @@ class RabbitMQ(Service):
             RABBITMQ_PID_FILE=str(base / "rabbit.pid"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),
             ERL_EPMD_ADDRESS="127.0.0.1",
+            # Unacked jobs may run longer than RabbitMQ's default 30-minute consumer timeout.
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-rabbit consumer_timeout 86400000",
         )
 
     def answers(self) -> bool:
@@ -303,6 +306,8 @@ class Ray(Service):
             str(self.temp_dir),
             "--object-store-memory",
             str(s.ray_object_store_bytes),
+            "--metrics-export-port",
+            str(s.ray_metrics_port),
             "--disable-usage-stats",
         ]
         if s.ray_num_cpus is not None:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 from serve_app.embedding_service import EmbeddingService
 from serve_app.errors import APIError
 from serve_app.job_queue import Disposition
-from serve_app.job_store import TERMINAL, JobStatus, JobStore
+from serve_app.job_store import TERMINAL, JobStatus, JobStore, LeaseHeld
 from serve_app.object_store import InputError, JobObjects, ObjectRef, parse_text_lines
 from serve_app.settings import Settings
 
@@ -28,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 class JobCancelled(Exception):
     """The job was cancelled while running."""
+
+
+class LeaseLost(Exception):
+    """This delivery's lease lapsed and another delivery has the job now."""
 
 
 @dataclass(frozen=True)
@@ -54,33 +59,42 @@ class JobRunner:
         if job.get("cancel_requested"):
             await self.store.finish(job_id, JobStatus.CANCELLED)
             return Settlement(Disposition.ACK)
-        job = await self.store.claim(job_id, self.worker)
+        lease = uuid.uuid4().hex
+        try:
+            job = await self.store.claim(job_id, self.worker, lease)
+        except LeaseHeld as held:
+            # Another delivery is working on it (a redelivery after a connection loss): look again later.
+            return Settlement(Disposition.RETRY, held.remaining_s + 0.5)
         if job is None:
             return Settlement(Disposition.ACK)
         if job["attempts"] > self.settings.job_max_attempts:
             return await self._give_up(job)
         try:
             texts = await self._texts(job)
-            vectors, tokens, version = await self._embed(job_id, job["model"], texts)
+            vectors, tokens, version = await self._embed(job_id, lease, job["model"], texts)
             result = await self._store_result(job_id, vectors, tokens, version)
         except JobCancelled:
-            await self.store.finish(job_id, JobStatus.CANCELLED)
+            await self.store.finish(job_id, JobStatus.CANCELLED, lease_owner=lease)
             return Settlement(Disposition.ACK)
+        except LeaseLost:
+            return Settlement(Disposition.ACK)  # the job is in the hands of the delivery that took it
         except (InputError, APIError) as exc:
             # The job itself is wrong (bad input, a model no longer served): no retry helps.
             if isinstance(exc, APIError) and exc.status_code >= 500:
-                return await self._retry_later(job, exc)
-            await self.store.finish(job_id, JobStatus.FAILED, error={"type": "invalid_input", "message": str(exc)})
+                return await self._retry_later(job, lease, exc)
+            await self.store.finish(
+                job_id, JobStatus.FAILED, lease_owner=lease, error={"type": "invalid_input", "message": str(exc)}
+            )
             return Settlement(Disposition.ACK)
         except Exception as exc:  # anything else may pass: retry, within the bound
-            return await self._retry_later(job, exc)
-        await self.store.finish(job_id, JobStatus.SUCCEEDED, result=result)
+            return await self._retry_later(job, lease, exc)
+        await self.store.finish(job_id, JobStatus.SUCCEEDED, lease_owner=lease, result=result)
         return Settlement(Disposition.ACK)
 
-    async def _retry_later(self, job: dict, exc: Exception) -> Settlement:
+    async def _retry_later(self, job: dict, lease: str, exc: Exception) -> Settlement:
         message = f"{type(exc).__name__}: {exc}"
         logger.warning("job %s attempt %d failed: %s", job["_id"], job["attempts"], message)
-        await self.store.note_error(job["_id"], message)
+        await self.store.release(job["_id"], lease, message)
         if job["attempts"] >= self.settings.job_max_attempts:
             return await self._give_up({**job, "last_error": message})
         return Settlement(Disposition.RETRY, self.settings.job_retry_delay_s * 2 ** (job["attempts"] - 1))
@@ -102,20 +116,21 @@ class JobRunner:
         await asyncio.to_thread(self.objects.check_input, ref)
         return await asyncio.to_thread(
             lambda: parse_text_lines(
-                self.objects.read_lines(ref),
+                # A JSON-escaped text of max_text_chars characters fits in 12 bytes a character.
+                self.objects.read_lines(ref, max_line_bytes=12 * self.settings.max_text_chars + 64),
                 max_items=self.settings.job_max_items,
                 max_chars=self.settings.max_text_chars,
             )
         )
 
-    async def _embed(self, job_id: str, model: str, texts: list[str]) -> tuple[np.ndarray, list[int], str]:
+    async def _embed(self, job_id: str, lease: str, model: str, texts: list[str]) -> tuple[np.ndarray, list[int], str]:
         """Chunks to the model, a few at a time, in order; progress after each window."""
         size, window = self.settings.job_chunk_size, self.settings.job_parallel_chunks
         chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
         vectors: list[np.ndarray] = []
         tokens: list[int] = []
         versions: set[str] = set()
-        await self.store.record_progress(job_id, 0, len(texts))
+        await self._progress(job_id, lease, 0, len(texts))
         for start in range(0, len(chunks), window):
             if await self.store.cancel_requested(job_id):
                 raise JobCancelled
@@ -126,10 +141,14 @@ class JobRunner:
                 vectors.append(outcome.vectors)
                 tokens.extend(outcome.token_counts)
                 versions.add(outcome.version)
-            await self.store.record_progress(job_id, len(tokens), len(texts))
+            await self._progress(job_id, lease, len(tokens), len(texts))
         if len(versions) > 1:
             raise RuntimeError(f"the model changed version during the job ({sorted(versions)}); retrying")
         return np.concatenate(vectors), tokens, versions.pop()
+
+    async def _progress(self, job_id: str, lease: str, done: int, total: int) -> None:
+        if not await self.store.record_progress(job_id, lease, done, total):
+            raise LeaseLost
 
     async def _store_result(self, job_id: str, vectors: np.ndarray, tokens: list[int], version: str) -> dict:
         result = {

@@ -31,7 +31,7 @@ logger = logging.getLogger("ray.serve")
 @serve.deployment(
     max_ongoing_requests=4,
     ray_actor_options={"num_cpus": 0.1},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1},
 )
 class JobWorker:
     async def __init__(self, models: dict[str, DeploymentHandle]) -> None:
@@ -74,6 +74,9 @@ class JobWorker:
     def check_health(self) -> None:
         if not self.consumer.is_alive():
             raise RuntimeError("the job consumer thread has stopped")
+        for task in self.tasks:
+            if task.done():
+                raise RuntimeError(f"background task {task.get_name()} has stopped")
 
     # -- deliveries -----------------------------------------------------------------------
 
@@ -104,40 +107,47 @@ class JobWorker:
 
     async def _deliver_callbacks(self) -> None:
         """POST each ended job's document to its callback URL, with bounded retries and backoff."""
-        settings = self.settings
         while True:
             try:
-                job = await self.store.claim_due_callback(lease_s=settings.callback_timeout_s * 2)
-            except Exception as exc:
-                logger.warning("callback scan failed: %r", exc)
-                job = None
-            if job is None:
-                await asyncio.sleep(0.5)
-                continue
-            callback = job["callback"]
-            error = None
-            try:
-                response = await self.http.post(callback["url"], json=public_view(job))
-                if response.status_code >= 300:
-                    error = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            attempts = callback.get("attempts", 0) + 1
-            retry_in = None
-            if error and attempts < settings.callback_max_attempts:
-                retry_in = settings.callback_retry_delay_s * 2 ** (attempts - 1)
-            with contextlib.suppress(Exception):
-                await self.store.record_callback(job["_id"], delivered=error is None, error=error, retry_in_s=retry_in)
+                job = await self.store.claim_due_callback(lease_s=self.settings.callback_timeout_s * 2)
+                if job is None:
+                    await asyncio.sleep(0.5)
+                    continue
+                await self._deliver_callback(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop outlives any one failure
+                logger.warning("callback delivery failed: %r", exc)
+                await asyncio.sleep(1.0)
+
+    async def _deliver_callback(self, job: dict) -> None:
+        settings, callback = self.settings, job["callback"]
+        error = None
+        try:
+            response = await self.http.post(callback["url"], json=public_view(job))
+            if response.status_code >= 300:
+                error = f"HTTP {response.status_code}"
+        except Exception as exc:  # any failure to deliver is this attempt's error, recorded on the job
+            error = f"{type(exc).__name__}: {exc}"
+        attempts = callback.get("attempts", 0) + 1
+        retry_in = None
+        if error and attempts < settings.callback_max_attempts:
+            retry_in = settings.callback_retry_delay_s * 2 ** (attempts - 1)
+        await self.store.record_callback(job["_id"], delivered=error is None, error=error, retry_in_s=retry_in)
 
     async def __del__(self) -> None:
-        self.consumer.stop()
+        # Stop taking messages first; what this replica holds unacknowledged is redelivered.
+        await asyncio.to_thread(self.consumer.stop)
         for task in self.tasks:
             task.cancel()
-        with contextlib.suppress(Exception):
-            self.publisher.close()
-            await self.http.aclose()
-            await self.mongo.close()
-            await self.redis.close()
+        for close in (
+            lambda: asyncio.to_thread(self.publisher.close),
+            self.http.aclose,
+            self.mongo.close,
+            self.redis.close,
+        ):
+            with contextlib.suppress(Exception):
+                await close()
 
 
 def _settlement_of(future) -> tuple[Disposition, float]:

@@ -184,6 +184,8 @@ class JobConsumer(threading.Thread):
             declare_topology(channel, self.settings)
             channel.basic_qos(prefetch_count=self.settings.job_prefetch)
             channel.basic_consume(self.settings.job_queue, on_message_callback=self._on_message)
+            if self._stopping.is_set():
+                return
             self.connected.set()
             logger.info("consuming %s (prefetch %d)", self.settings.job_queue, self.settings.job_prefetch)
             channel.start_consuming()
@@ -213,13 +215,20 @@ class JobConsumer(threading.Thread):
         if not channel.is_open:
             return  # the broker will redeliver the message to a new connection
         if disposition == Disposition.RETRY:
-            channel.basic_publish(
-                exchange="",
-                routing_key=self.settings.job_retry_queue,
-                body=job_message(job_id),
-                properties=message_properties(job_id, delay_s=delay_s),
-                mandatory=True,
-            )
+            try:
+                channel.basic_publish(
+                    exchange="",
+                    routing_key=self.settings.job_retry_queue,
+                    body=job_message(job_id),
+                    properties=message_properties(job_id, delay_s=delay_s),
+                    mandatory=True,
+                )
+            except AMQPError as exc:
+                # No confirmed retry copy: put the message back instead (sooner, but not lost).
+                logger.warning("retry of job %s not queued (%s); requeued now", job_id, exc)
+                if channel.is_open:
+                    channel.basic_nack(tag, requeue=True)
+                return
             channel.basic_ack(tag)
         elif disposition == Disposition.DEAD:
             channel.basic_nack(tag, requeue=False)

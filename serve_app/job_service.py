@@ -8,7 +8,7 @@ import logging
 from serve_app.embedding_service import EmbeddingService
 from serve_app.errors import APIError, InvalidRequestError, ServiceUnavailableError
 from serve_app.job_queue import JobPublisher, PublishError
-from serve_app.job_store import TERMINAL, JobStatus, JobStore, new_job_id, now
+from serve_app.job_store import TERMINAL, JobStatus, JobStore, new_job_id, now, public_view
 from serve_app.object_store import InputError, JobObjects, ObjectRef
 from serve_app.schemas import JobRequest
 from serve_app.settings import Settings
@@ -82,8 +82,11 @@ class JobService:
                 job_id, JobStatus.FAILED, error={"type": "not_queued", "message": f"the job queue refused it: {exc}"}
             )
             raise ServiceUnavailableError("the job queue is unavailable; the job was not accepted") from exc
-        await self.store.mark_published(job_id)
-        return await self.store.get(job_id) or doc
+        try:
+            await self.store.mark_published(job_id)
+        except Exception as exc:  # confirmed by RabbitMQ: accepted; the sweeper skips it only sooner
+            logger.warning("job %s published but not marked so: %r", job_id, exc)
+        return doc
 
     def _input_ref(self, request: JobRequest) -> ObjectRef:
         if request.upload_id is not None:
@@ -93,15 +96,22 @@ class JobService:
         except InputError as exc:
             raise InvalidRequestError(str(exc), param="input_url") from exc
 
-    async def owned(self, job_id: str, owner: str) -> dict:
-        """A job of this owner; another owner's job is exactly as missing as no job."""
-        status = await self.store.status(job_id)
+    async def owned(self, job_id: str, owner: str, *, fresh: bool = False) -> dict:
+        """A job of this owner; another owner's job is exactly as missing as no job.
+
+        fresh: read MongoDB, not the status cache (for answers that refuse on the status).
+        """
+        if fresh:
+            doc = await self.store.get(job_id)
+            status = public_view(doc) if doc else None
+        else:
+            status = await self.store.status(job_id)
         if status is None or status.get("owner") != owner:
             raise JobNotFoundError(f"no job {job_id!r}", param="id")
         return status
 
     async def cancel(self, job_id: str, owner: str) -> dict:
-        current = await self.owned(job_id, owner)
+        current = await self.owned(job_id, owner, fresh=True)
         if current["status"] in TERMINAL:
             raise JobStateError(f"job {job_id} has already {current['status']}; there is nothing to cancel")
         doc = await self.store.request_cancel(job_id, owner)
@@ -111,7 +121,7 @@ class JobService:
 
     async def finished(self, job_id: str, owner: str) -> dict:
         """The stored document of a job that has succeeded; 409 while it has not."""
-        status = await self.owned(job_id, owner)
+        status = await self.owned(job_id, owner, fresh=True)
         if status["status"] != JobStatus.SUCCEEDED:
             detail = f": {status['error']['message']}" if status.get("error") else ""
             raise JobStateError(f"job {job_id} is {status['status']}{detail}; a result exists once it has succeeded")

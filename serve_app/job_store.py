@@ -29,6 +29,15 @@ class JobStatus(StrEnum):
 
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+ACTIVE_STATUS_TTL_S = 2
+
+
+class LeaseHeld(Exception):
+    """Another delivery of this job holds a live lease on it."""
+
+    def __init__(self, remaining_s: float) -> None:
+        super().__init__(f"leased for another {remaining_s:.1f}s")
+        self.remaining_s = remaining_s
 
 
 def now() -> datetime:
@@ -71,6 +80,10 @@ def public_view(doc: dict) -> dict:
     }
 
 
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def _iso(value: datetime | None) -> str | None:
     if value is None:
         return None
@@ -87,6 +100,7 @@ class JobStore:
         self.results = db["job_results"]
         self.redis = redis
         self.status_ttl_s = settings.job_status_ttl_s
+        self.lease_s = settings.job_lease_s
 
     async def ensure_indexes(self) -> None:
         await self.jobs.create_index([("owner", ASCENDING), ("_id", DESCENDING)], name="owner_newest")
@@ -107,9 +121,11 @@ class JobStore:
         return f"job:{job_id}"
 
     async def _cache(self, doc: dict | None) -> dict | None:
+        """Cache a job's view; briefly while it is active, so an out-of-order write cannot linger."""
         if doc is not None:
             view = json.dumps(public_view(doc))
-            await self.redis.run(lambda r: r.set(self._status_key(doc["_id"]), view, ex=self.status_ttl_s), None)
+            ttl = self.status_ttl_s if doc["status"] in TERMINAL else ACTIVE_STATUS_TTL_S
+            await self.redis.run(lambda r: r.set(self._status_key(doc["_id"]), view, ex=ttl), None)
         return doc
 
     async def status(self, job_id: str) -> dict | None:
@@ -169,61 +185,109 @@ class JobStore:
         """Cancel a queued job at once; ask a running one to stop at its next chunk."""
         queued = await self._update(
             {"_id": job_id, "owner": owner, "status": JobStatus.QUEUED},
-            {"$set": {"cancel_requested": True, **self._terminal(JobStatus.CANCELLED)}},
+            self._terminal(JobStatus.CANCELLED, cancel_requested=True),
         )
         if queued:
-            return await self._arm_callback(queued)
+            return queued
         running = await self._update(
             {"_id": job_id, "owner": owner, "status": JobStatus.RUNNING}, {"$set": {"cancel_requested": True}}
         )
         return running or await self.jobs.find_one({"_id": job_id, "owner": owner})
 
-    async def claim(self, job_id: str, worker: dict) -> dict | None:
-        """Mark a job running for this delivery; None if it is no longer active."""
+    async def claim(self, job_id: str, worker: dict, lease_owner: str) -> dict | None:
+        """Lease a job to this delivery and count the attempt; None if it has ended.
+
+        A queued job, or a running one whose lease has lapsed (its worker died), can be claimed.
+        A running job whose lease is live is being worked on: LeaseHeld says for how long.
+        """
+        current = now()
         doc = await self._update(
-            {"_id": job_id, "status": {"$in": list(ACTIVE)}},
-            {"$set": {"status": JobStatus.RUNNING, "worker": worker}, "$inc": {"attempts": 1}},
+            {
+                "_id": job_id,
+                "$or": [
+                    {"status": JobStatus.QUEUED},
+                    {"status": JobStatus.RUNNING, "lease.until": {"$not": {"$gt": current}}},
+                ],
+            },
+            {
+                "$set": {
+                    "status": JobStatus.RUNNING,
+                    "worker": worker,
+                    "lease": {"owner": lease_owner, "until": current + timedelta(seconds=self.lease_s)},
+                },
+                "$inc": {"attempts": 1},
+            },
         )
-        if doc and doc.get("started_at") is None:
-            doc = await self._update({"_id": job_id}, {"$set": {"started_at": now()}})
+        if doc is None:
+            existing = await self.get(job_id)
+            if existing is None or existing["status"] in TERMINAL:
+                return None
+            until = existing.get("lease", {}).get("until")
+            raise LeaseHeld(max(0.5, (_aware(until) - now()).total_seconds()) if until else self.lease_s)
+        if doc.get("started_at") is None:
+            doc = await self._update({"_id": job_id}, {"$set": {"started_at": now()}}) or doc
         return doc
 
-    async def record_progress(self, job_id: str, done: int, total: int) -> None:
-        await self._update(
-            {"_id": job_id, "status": JobStatus.RUNNING},
-            {"$set": {"progress": {"done": done, "total": total}}},
+    async def record_progress(self, job_id: str, lease_owner: str, done: int, total: int) -> bool:
+        """Record progress and renew the lease; False if the lease is no longer ours."""
+        doc = await self._update(
+            {"_id": job_id, "status": JobStatus.RUNNING, "lease.owner": lease_owner},
+            {
+                "$set": {
+                    "progress": {"done": done, "total": total},
+                    "lease.until": now() + timedelta(seconds=self.lease_s),
+                }
+            },
         )
+        return doc is not None
 
-    async def note_error(self, job_id: str, message: str) -> None:
-        await self.jobs.update_one({"_id": job_id}, {"$set": {"last_error": message}})
+    async def release(self, job_id: str, lease_owner: str, error: str) -> None:
+        """Give the lease back after a failed attempt, so the retry can claim at once."""
+        await self.jobs.update_one(
+            {"_id": job_id, "lease.owner": lease_owner}, {"$set": {"last_error": error, "lease.until": now()}}
+        )
 
     @staticmethod
-    def _terminal(status: JobStatus, **fields: Any) -> dict:
-        return {"status": status, "finished_at": now(), **fields}
-
-    async def _arm_callback(self, doc: dict) -> dict:
-        """A job that has ended with a callback URL: its callback is now due."""
-        if not doc.get("callback"):
-            return doc
-        armed = await self._update(
-            {"_id": doc["_id"], "callback.status": "waiting"},
-            {"$set": {"callback.status": "pending", "callback.next_attempt_at": now()}},
-        )
-        return armed or doc
+    def _terminal(status: JobStatus, **fields: Any) -> list[dict]:
+        """One update that ends a job and, when it has a callback URL, makes the callback due."""
+        ended = now()
+        values = {key: {"$literal": value} for key, value in fields.items()}
+        return [
+            {
+                "$set": {
+                    "status": status.value,
+                    "finished_at": ended,
+                    **values,
+                    "callback": {
+                        "$cond": [
+                            {"$eq": [{"$type": "$callback"}, "object"]},
+                            {"$mergeObjects": ["$callback", {"status": "pending", "next_attempt_at": ended}]},
+                            "$callback",
+                        ]
+                    },
+                }
+            }
+        ]
 
     async def finish(
-        self, job_id: str, status: JobStatus, *, error: dict | None = None, result: dict | None = None
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        lease_owner: str | None = None,
+        error: dict | None = None,
+        result: dict | None = None,
     ) -> dict | None:
-        """Move an active job to a terminal status, once; None if it had already ended."""
+        """Move an active job to a terminal status, once; None if it had already ended (or the lease is gone)."""
         fields: dict[str, Any] = {}
         if error is not None:
             fields["error"] = error
         if result is not None:
             fields["result"] = result
-        doc = await self._update(
-            {"_id": job_id, "status": {"$in": list(ACTIVE)}}, {"$set": self._terminal(status, **fields)}
-        )
-        return await self._arm_callback(doc) if doc else None
+        query: dict[str, Any] = {"_id": job_id, "status": {"$in": list(ACTIVE)}}
+        if lease_owner is not None:
+            query["lease.owner"] = lease_owner
+        return await self._update(query, self._terminal(status, **fields))
 
     # -- results ------------------------------------------------------------------------------
 

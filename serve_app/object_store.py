@@ -105,16 +105,26 @@ class JobObjects:
             raise InputError(f"{ref.url} is {size} bytes; the limit is {self.settings.job_max_input_bytes}")
         return size
 
-    def read_lines(self, ref: ObjectRef) -> Iterator[bytes]:
+    def read_lines(self, ref: ObjectRef, max_line_bytes: int) -> Iterator[bytes]:
+        """The object's lines; InputError for a line longer than max_line_bytes (before parsing it)."""
         response = self.client.get_object(ref.bucket, ref.key)
         try:
-            pending = b""
+            pending = bytearray()
+            number = 0
             for block in response.stream(1 << 20):
                 pending += block
-                *lines, pending = pending.split(b"\n")
-                yield from lines
+                start = 0
+                while (end := pending.find(b"\n", start)) != -1:
+                    number += 1
+                    if end - start > max_line_bytes:
+                        raise InputError(f"line {number} is longer than {max_line_bytes} bytes")
+                    yield bytes(pending[start:end])
+                    start = end + 1
+                del pending[:start]
+                if len(pending) > max_line_bytes:
+                    raise InputError(f"line {number + 1} is longer than {max_line_bytes} bytes")
             if pending:
-                yield pending
+                yield bytes(pending)
         finally:
             response.close()
             response.release_conn()

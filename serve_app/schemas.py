@@ -142,7 +142,13 @@ class JobRequest(BaseModel):
     @classmethod
     def _texts_within_limits(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
-            validate_texts(value, get_settings().job_max_inline_items)
+            settings = get_settings()
+            validate_texts(value, settings.job_max_inline_items)
+            size = sum(len(text.encode()) for text in value)
+            if size > settings.job_max_inline_bytes:
+                raise _invalid(
+                    f"inline input is {size} bytes; the limit is {settings.job_max_inline_bytes}: upload it instead"
+                )
         return value
 
     @field_validator("callback_url")

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     ray_dashboard_host: str = "127.0.0.1"
     ray_dashboard_port: int = 8265
     ray_num_cpus: int | None = None
+    ray_metrics_port: int = Field(8090, description="Prometheus metrics of the head node (Ray's and ours).")
     ray_object_store_bytes: int = 512 * 1024 * 1024
     serve_app_name: str = "inference"
     readiness_cache_s: float = Field(1.0, description="Probes of /readyz share one set of checks this long.")
@@ -83,6 +84,8 @@ class Settings(BaseSettings):
     job_max_attempts: int = 3
     job_retry_delay_s: float = Field(2.0, description="First retry delay; doubles with each attempt.")
     job_prefetch: int = 2
+    job_lease_s: float = Field(30.0, description="A running job's claim; renewed with every progress write.")
+    job_max_inline_bytes: int = Field(8 * 1024 * 1024, description="Total UTF-8 bytes of inline job input.")
     job_status_ttl_s: int = 300
     job_presign_expiry_s: int = 3600
     job_sweep_interval_s: float = 10.0

@@ -15,7 +15,7 @@ import pika
 import pytest
 from pymongo import MongoClient
 
-from cluster.services import RabbitMQ
+from cluster.services import RabbitMQ, load_serve_config
 from serve_app.job_queue import connection_parameters, job_message, message_properties
 
 MODEL = "all-minilm-l6-v2"
@@ -122,9 +122,17 @@ def test_jobs_are_listed_newest_first_paginated_and_filtered(api):
     assert api.get("/v1/jobs", params={"limit": 0}).status_code == 422
 
 
+def job_worker_capacity(settings) -> int:
+    """How many jobs the workers can hold at once: prefetch times the most replicas."""
+    config = load_serve_config(settings)
+    [worker] = [d for d in config["applications"][0]["deployments"] if d["name"] == "JobWorker"]
+    return settings.job_prefetch * worker["autoscaling_config"]["max_replicas"]
+
+
 def test_cancel_a_queued_and_a_running_job(api, settings, mongo):
-    # Fill the worker's prefetch with long jobs, so the next one waits in the queue.
-    long_jobs = [submit(api, input=texts(3000, f"long{i}")).json()["id"] for i in range(settings.job_prefetch)]
+    # Fill every worker's prefetch with long jobs, so the next one waits in the queue.
+    capacity = job_worker_capacity(settings)
+    long_jobs = [submit(api, input=texts(3000, f"long{i}")).json()["id"] for i in range(capacity)]
     waiting = submit(api, input=texts(10, "waiting")).json()["id"]
     cancelled = api.delete(f"/v1/jobs/{waiting}")
     assert cancelled.status_code == 200
@@ -165,6 +173,8 @@ def test_rabbitmq_restarted_with_jobs_queued_loses_none(api, settings, mongo):
     rabbitmq = RabbitMQ("rabbitmq", settings)
     if not rabbitmq.process.running:
         pytest.skip("RabbitMQ is not one this project started; it will not stop another's")
+    running = submit(api, input=texts(2500, "running-through-restart")).json()["id"]
+    wait_for(api, running, done=lambda j: j["status"] == "running" and j["progress"]["done"] > 0)
     ids = [submit(api, input=texts(300, f"restart{i}")).json()["id"] for i in range(6)]
     try:
         rabbitmq.stop()
@@ -184,6 +194,9 @@ def test_rabbitmq_restarted_with_jobs_queued_loses_none(api, settings, mongo):
         rabbitmq.ensure()
     for job_id in ids:
         assert wait_for(api, job_id, timeout_s=300)["status"] == "succeeded"
+    survivor = wait_for(api, running, timeout_s=300)
+    assert survivor["status"] == "succeeded"
+    assert survivor["attempts"] == 1, "the job running through the restart was run again"
 
 
 def test_a_poison_message_lands_in_the_dead_letter_queue(settings):
@@ -191,20 +204,30 @@ def test_a_poison_message_lands_in_the_dead_letter_queue(settings):
     connection = pika.BlockingConnection(connection_parameters(settings))
     channel = connection.channel()
     channel.basic_publish("", settings.job_queue, marker, message_properties("poison"))
+    connection.close()
     deadline = time.monotonic() + 30
     found = False
     while not found and time.monotonic() < deadline:
-        method, _, body = channel.basic_get(settings.job_dead_letter_queue)
-        if method is None:
-            time.sleep(0.2)
-            continue
-        if body == marker:
-            channel.basic_ack(method.delivery_tag)
-            found = True
-        else:
-            channel.basic_nack(method.delivery_tag, requeue=True)
-    connection.close()
+        # Read without acknowledging: closing the connection puts every message back.
+        connection = pika.BlockingConnection(connection_parameters(settings))
+        channel = connection.channel()
+        while (message := channel.basic_get(settings.job_dead_letter_queue))[0] is not None:
+            found = found or message[2] == marker
+        connection.close()
+        time.sleep(0.2)
     assert found
+
+
+def queue_drained(settings, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        connection = pika.BlockingConnection(connection_parameters(settings))
+        ready = connection.channel().queue_declare(settings.job_queue, passive=True).method.message_count
+        connection.close()
+        if ready == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the job queue was not consumed")
 
 
 def test_a_redelivered_message_for_a_finished_job_changes_nothing(api, settings):
@@ -212,7 +235,8 @@ def test_a_redelivered_message_for_a_finished_job_changes_nothing(api, settings)
     connection = pika.BlockingConnection(connection_parameters(settings))
     connection.channel().basic_publish("", settings.job_queue, job_message(job["id"]), message_properties(job["id"]))
     connection.close()
-    time.sleep(2)
+    queue_drained(settings)
+    time.sleep(1)  # taken from the queue; give the worker a moment to act on it
     again = api.get(f"/v1/jobs/{job['id']}").json()
     assert (again["status"], again["attempts"], again["finished_at"]) == ("succeeded", 1, job["finished_at"])
 
@@ -251,6 +275,7 @@ def test_too_many_inline_texts_are_refused(api, settings):
         (['"fine"', "42"], "line 2 must be a JSON string"),
         (['"fine"', '""'], "line 2 is an empty text"),
         (["", "   "], "no texts"),
+        (['"fine"', '"' + "x" * 120_000 + '"'], "line 2 is longer than"),
     ],
 )
 def test_a_bad_upload_fails_the_job_with_a_clear_error(api, lines, fragment):
