@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := redis-server rabbitmq-server nginx libcurl4 libssl3 python3-venv
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: help install up down status deploy test test-unit lint clean
+.PHONY: help install up down status deploy test test-unit lint clean loadtest bench
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,19 @@ test-unit: install  ## the unit tests only (no services)
 lint: install  ## ruff
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+LOADTEST_USERS ?= 16
+LOADTEST_RATE ?= 4
+LOADTEST_TIME ?= 60s
+loadtest: up  ## Locust, headless, through NGINX; CSV + HTML report under loadtests/results/
+	@dir=loadtests/results/locust-$$(date -u +%Y%m%d-%H%M%S); mkdir -p $$dir; \
+	host=$$($(PY) -c "from serve_app.settings import get_settings; print(get_settings().public_url)"); \
+	$(VENV)/bin/locust -f loadtests/locustfile.py --headless -u $(LOADTEST_USERS) -r $(LOADTEST_RATE) \
+	  -t $(LOADTEST_TIME) --host $$host --csv $$dir/locust --html $$dir/report.html --only-summary; \
+	echo "results: $$dir/report.html and $$dir/locust_stats.csv"
+
+bench: up  ## the side-by-side benchmark; writes docs/benchmarks.md and the chart
+	$(PY) -m loadtests.bench
 
 clean: down  ## stop everything and delete runtime state (.cluster/)
 	rm -rf .cluster

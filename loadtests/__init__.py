@@ -1,0 +1,1 @@
+"""Locust scenarios and the side-by-side benchmark."""

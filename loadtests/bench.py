@@ -1,0 +1,363 @@
+"""The side-by-side benchmark: the same model and inputs, six ways, in one run on one machine.
+
+    python -m loadtests.bench            # full run (a few minutes); needs `make up`
+    python -m loadtests.bench --quick    # a smoke run of every setup (seconds each)
+
+Setups: raw (model in-process, all cores), plain (FastAPI + uvicorn, model in-process), serve
+(Serve directly, every item a cache miss), full (through NGINX, misses), cached (through NGINX,
+every item a hit), jobs (the same items as one asynchronous job). The load generator is its own
+process and reports the CPU it used. Writes results.json and chart.png to the results directory
+and, for a full run, the tables in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from cluster.processes import ManagedProcess, wait_until
+from loadtests.texts import fixed_set, fresh_batches
+from serve_app.settings import REPO_ROOT, Settings, get_settings
+
+MODEL = "all-minilm-l6-v2"
+METRICS_SETTLE_S = 5.0  # Ray exports metrics every 2 s (RAY_metrics_report_interval_ms); wait two rounds
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+class Bench:
+    def __init__(
+        self, settings: Settings, out: Path, *, sizes: list[int], levels: list[int], duration_s: float, job_items: int
+    ) -> None:
+        self.settings = settings
+        self.out = out
+        self.sizes = sizes
+        self.levels = levels
+        self.duration_s = duration_s
+        self.job_items = job_items
+        self.fresh_start = int(time.time() * 1000) % 10**6 * 1000  # texts this run alone sends
+        self.results: dict = {"runs": [], "raw": {}, "jobs": {}}
+
+    # -- measuring ------------------------------------------------------------------------
+
+    def loadgen(self, url: str, concurrency: int, size: int, mode: str) -> dict:
+        self.fresh_start += 10**6
+        command = [
+            sys.executable,
+            "-m",
+            "loadtests.loadgen",
+            url,
+            "--concurrency",
+            str(concurrency),
+            "--size",
+            str(size),
+            "--duration",
+            str(self.duration_s),
+            "--mode",
+            mode,
+            "--start",
+            str(self.fresh_start),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def batch_texts(self) -> tuple[float, float]:
+        """(sum, count) of the model's batch-size histogram, from Ray's metrics endpoint."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.ray_metrics_port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return (0.0, 0.0)
+        total = {"sum": 0.0, "count": 0.0}
+        for kind in total:
+            for match in re.finditer(rf"^ray_embedding_batch_texts_{kind}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M):
+                total[kind] += float(match.group(1))
+        return total["sum"], total["count"]
+
+    def measure(self, setup: str, url: str, mode: str = "fresh", model_metrics: bool = True) -> None:
+        for size in self.sizes:
+            for concurrency in self.levels:
+                before = self.batch_texts() if model_metrics else None
+                run = self.loadgen(url, concurrency, size, mode)
+                if model_metrics:
+                    time.sleep(METRICS_SETTLE_S)
+                    after = self.batch_texts()
+                    batches = after[1] - before[1]
+                    run["mean_batch_texts"] = round((after[0] - before[0]) / batches, 2) if batches else "-"
+                else:
+                    run["mean_batch_texts"] = size
+                run |= {"setup": setup, "size": size, "concurrency": concurrency}
+                self.results["runs"].append(run)
+                print(
+                    f"  {setup:<7} size {size:>2} x{concurrency:<3} {run['items_per_s']:>8.1f} items/s "
+                    f"{run['requests_per_s']:>7.1f} req/s  p50 {run['p50_ms']:>7.1f} ms  p99 {run['p99_ms']:>7.1f} ms"
+                    f"  batch {run['mean_batch_texts']}  errors {run['errors']}"
+                    f"  loadgen cpu {run['loadgen_cpu_share']:.0%}",
+                    flush=True,
+                )
+
+    def raw(self) -> None:
+        sizes = ",".join(str(s) for s in self.sizes)
+        result = subprocess.run(
+            [sys.executable, "-m", "loadtests.raw_model", "--sizes", sizes, "--duration", str(self.duration_s)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO_ROOT,
+        )
+        self.results["raw"] = json.loads(result.stdout.strip().splitlines()[-1])
+        for size, row in self.results["raw"]["by_batch_size"].items():
+            print(f"  raw     batch {size:>2}      {row['items_per_s']:>8.1f} items/s", flush=True)
+
+    def plain(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        process = ManagedProcess("bench-plain", self.settings.state_dir)
+        process.start(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "loadtests.plain_app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=REPO_ROOT,
+        )
+        try:
+            if not wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/docs").status_code == 200, 120):
+                raise RuntimeError(f"the plain app did not start:\n{process.log_tail()}")
+            self.measure("plain", f"http://127.0.0.1:{port}/v1/embeddings", model_metrics=False)
+        finally:
+            process.stop()
+
+    def warm_cache(self) -> None:
+        texts = fixed_set(256)
+        for i in range(0, len(texts), 64):
+            httpx.post(
+                f"{self.settings.public_url}/v1/embeddings",
+                json={"model": MODEL, "input": texts[i : i + 64]},
+                timeout=120,
+            ).raise_for_status()
+
+    def warm_replicas(self) -> None:
+        """Load until the model deployment has scaled out, so every setup meets the same replicas."""
+        self.loadgen(f"{self.settings.public_url}/v1/embeddings", max(self.levels), max(self.sizes), "fresh")
+        time.sleep(METRICS_SETTLE_S)
+
+    def jobs(self) -> None:
+        texts = next(fresh_batches(self.job_items, self.fresh_start + 5 * 10**8))
+        api = f"{self.settings.public_url}/v1/jobs"
+        began = time.perf_counter()
+        job = httpx.post(api, json={"model": MODEL, "input": texts}, timeout=120).json()
+        while (status := httpx.get(f"{api}/{job['id']}", timeout=30).json())["status"] not in (
+            "succeeded",
+            "failed",
+            "cancelled",
+        ):
+            time.sleep(0.1)
+        elapsed = time.perf_counter() - began
+        self.results["jobs"] = {
+            "items": len(texts),
+            "seconds": round(elapsed, 3),
+            "status": status["status"],
+            "items_per_s": round(len(texts) / elapsed, 2),
+        }
+        print(f"  jobs    {len(texts)} items     {len(texts) / elapsed:>8.1f} items/s ({status['status']})", flush=True)
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def best(self, setup: str, size: int, concurrency: int | None = None) -> float:
+        rows = [
+            r
+            for r in self.results["runs"]
+            if r["setup"] == setup and r["size"] == size and (concurrency is None or r["concurrency"] == concurrency)
+        ]
+        return max((r["items_per_s"] for r in rows), default=0.0)
+
+    def ratios(self) -> dict:
+        big, top = max(self.sizes), max(self.levels)
+        raw = self.results["raw"]["by_batch_size"].get(str(big), {}).get("items_per_s", 0.0)
+
+        def ratio(a: float, b: float) -> float | None:
+            return round(a / b, 3) if b else None
+
+        return {
+            f"full/raw (size {big}, saturation)": ratio(self.best("full", big), raw),
+            f"full/plain (size {big}, {top} clients)": ratio(self.best("full", big, top), self.best("plain", big, top)),
+            f"full/plain (size 1, {top} clients)": ratio(self.best("full", 1, top), self.best("plain", 1, top)),
+            f"serve/raw (size {big}, saturation)": ratio(self.best("serve", big), raw),
+            f"cached/plain (size {big}, {top} clients)": ratio(
+                self.best("cached", big, top), self.best("plain", big, top)
+            ),
+            f"jobs/full (size {big}, saturation)": ratio(
+                self.results["jobs"].get("items_per_s", 0.0), self.best("full", big)
+            ),
+        }
+
+    def machine(self) -> dict:
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        memory_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        import ray
+        import torch
+
+        return {
+            "cpu": cpu,
+            "cores": __import__("os").cpu_count(),
+            "memory_gib": round(memory_kb / 2**20, 1),
+            "python": platform.python_version(),
+            "ray": ray.__version__,
+            "torch": torch.__version__,
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+    def chart(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(self.sizes) + 1, figsize=(6 * (len(self.sizes) + 1), 4.5))
+        setups = ["plain", "serve", "full", "cached"]
+        for ax, size in zip(axes, self.sizes, strict=False):
+            for setup in setups:
+                rows = sorted(
+                    (r for r in self.results["runs"] if r["setup"] == setup and r["size"] == size),
+                    key=lambda r: r["concurrency"],
+                )
+                ax.plot([r["concurrency"] for r in rows], [r["items_per_s"] for r in rows], marker="o", label=setup)
+            raw = self.results["raw"]["by_batch_size"].get(str(size), {}).get("items_per_s")
+            if raw:
+                ax.axhline(raw, linestyle="--", color="grey", label=f"raw (batch {size})")
+            ax.set(title=f"{size} text(s) per request", xlabel="concurrent clients", ylabel="texts/s", xscale="log")
+            ax.legend()
+        ax = axes[-1]
+        big, top = max(self.sizes), max(self.levels)
+        rows = [
+            next(
+                (r for r in self.results["runs"] if r["setup"] == s and r["size"] == big and r["concurrency"] == top),
+                None,
+            )
+            for s in setups
+        ]
+        for i, pct in enumerate(("p50_ms", "p95_ms", "p99_ms")):
+            ax.bar(
+                [j + i * 0.25 for j in range(len(setups))],
+                [r[pct] if r else 0 for r in rows],
+                width=0.25,
+                label=pct.removesuffix("_ms"),
+            )
+        ax.set_xticks([j + 0.25 for j in range(len(setups))], setups)
+        ax.set(title=f"latency, {big} texts x {top} clients", ylabel="ms")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+
+    def markdown(self) -> str:
+        m = self.results["machine"]
+        lines = [
+            f"Measured {m['when']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, "
+            f"Ray {m['ray']}, torch {m['torch']}; {self.duration_s:g} s per point; command: `make bench`.",
+            "",
+            "| ratio | measured |",
+            "| --- | --- |",
+            *(f"| {k} | {v if v is not None else 'n/a'} |" for k, v in self.results["ratios"].items()),
+            "",
+            "| setup | texts/request | clients | texts/s | requests/s | p50 ms | p95 ms | p99 ms | mean batch | "
+            "load generator CPU |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for size, row in self.results["raw"]["by_batch_size"].items():
+            lines.append(f"| raw | {size} (batch) | - | {row['items_per_s']} | - | - | - | - | {size} | - |")
+        for r in self.results["runs"]:
+            lines.append(
+                f"| {r['setup']} | {r['size']} | {r['concurrency']} | {r['items_per_s']} | {r['requests_per_s']} | "
+                f"{r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['mean_batch_texts']} | "
+                f"{r['loadgen_cpu_share']:.0%} |"
+            )
+        j = self.results["jobs"]
+        lines.append(f"| jobs | {j['items']} (one job) | - | {j['items_per_s']} | - | - | - | - | - | - |")
+        lines += ["", "![throughput and latency](benchmarks.png)"]
+        return "\n".join(lines)
+
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results["machine"] = self.machine()
+        print("raw: the model in-process, all cores", flush=True)
+        self.raw()
+        print("plain: FastAPI + uvicorn, model in-process", flush=True)
+        self.plain()
+        self.warm_replicas()
+        print("serve: Serve directly, every item a cache miss", flush=True)
+        self.measure("serve", f"{self.settings.serve_url}/v1/embeddings")
+        print("full: through NGINX, every item a cache miss", flush=True)
+        self.measure("full", f"{self.settings.public_url}/v1/embeddings")
+        print("cached: through NGINX, every item a cache hit", flush=True)
+        self.warm_cache()
+        self.measure("cached", f"{self.settings.public_url}/v1/embeddings", mode="cached")
+        print("jobs: the same kind of items as one asynchronous job", flush=True)
+        self.jobs()
+        self.results["ratios"] = self.ratios()
+        print("\nratios (measured side by side in this run):")
+        for name, value in self.results["ratios"].items():
+            print(f"  {name:<36} {value}")
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
+        self.chart(self.out / "chart.png")
+        print(f"\nwrote {self.out / 'results.json'} and {self.out / 'chart.png'}")
+        return self.results
+
+    def publish(self) -> None:
+        """Put this run's tables and chart into docs/benchmarks.md (between its markers)."""
+        doc = DOC.read_text()
+        start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
+        DOC.write_text(doc[:start] + "\n" + self.markdown() + "\n" + doc[end:])
+        (DOC.parent / "benchmarks.png").write_bytes((self.out / "chart.png").read_bytes())
+        print(f"updated {DOC}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: every setup, a second or two each")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    settings = get_settings()
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = args.out or REPO_ROOT / "loadtests" / "results" / f"bench-{stamp}"
+    if args.quick:
+        bench = Bench(settings, out, sizes=[1, 16], levels=[4], duration_s=1.5, job_items=64)
+    else:
+        bench = Bench(settings, out, sizes=[1, 16], levels=[1, 8, 32], duration_s=8.0, job_items=2048)
+    ready = httpx.get(f"{settings.public_url}/readyz", timeout=30)
+    if ready.status_code != 200:
+        sys.exit(f"the cluster is not ready ({ready.status_code}); run `make up` first")
+    bench.run()
+    if not args.quick:
+        bench.publish()
+
+
+if __name__ == "__main__":
+    main()
