@@ -73,17 +73,21 @@ class Bench:
         return json.loads(result.stdout.strip().splitlines()[-1])
 
     def batch_texts(self) -> tuple[float, float]:
-        """(sum, count) of the model's batch-size histogram, from Ray's metrics endpoint."""
+        """(texts, batches) the model has computed, from Ray's metrics endpoint.
+
+        Texts come from the embedding_texts_computed counter: the histogram's _sum is estimated
+        by Ray from bucket bounds, not exact.
+        """
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.ray_metrics_port}/metrics", timeout=5) as r:
                 text = r.read().decode()
         except OSError:
             return (0.0, 0.0)
-        total = {"sum": 0.0, "count": 0.0}
-        for kind in total:
-            for match in re.finditer(rf"^ray_embedding_batch_texts_{kind}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M):
-                total[kind] += float(match.group(1))
-        return total["sum"], total["count"]
+
+        def total(metric: str) -> float:
+            return sum(float(m.group(1)) for m in re.finditer(rf"^{metric}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M))
+
+        return total("ray_embedding_texts_computed_total"), total("ray_embedding_batch_texts_count")
 
     def measure(self, setup: str, url: str, mode: str = "fresh", model_metrics: bool = True) -> None:
         for size in self.sizes:
