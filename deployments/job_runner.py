@@ -12,12 +12,13 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 
 import numpy as np
 
-from serve_app.embedding_service import EmbeddingService
+from serve_app.embedding_service import EmbeddingOutcome, EmbeddingService
 from serve_app.errors import APIError
 from serve_app.job_queue import Disposition
 from serve_app.job_store import TERMINAL, JobStatus, JobStore, LeaseHeld
@@ -25,6 +26,8 @@ from serve_app.object_store import InputError, JobObjects, ObjectRef, parse_text
 from serve_app.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.5
 
 
 class JobCancelled(Exception):
@@ -124,27 +127,45 @@ class JobRunner:
         )
 
     async def _embed(self, job_id: str, lease: str, model: str, texts: list[str]) -> tuple[np.ndarray, list[int], str]:
-        """Chunks to the model, a few at a time, in order; progress after each window."""
-        size, window = self.settings.job_chunk_size, self.settings.job_parallel_chunks
+        """Chunks to the model with a sliding window of `job_parallel_chunks` in flight, so the
+        model never waits on this job; progress (and the cancel check) at most every half second."""
+        size = self.settings.job_chunk_size
         chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
-        vectors: list[np.ndarray] = []
-        tokens: list[int] = []
-        versions: set[str] = set()
+        window = asyncio.Semaphore(self.settings.job_parallel_chunks)
+        done = 0
+        last_report = time.monotonic()
+        cancelled = False
         await self._progress(job_id, lease, 0, len(texts))
-        for start in range(0, len(chunks), window):
-            if await self.store.cancel_requested(job_id):
-                raise JobCancelled
-            outcomes = await asyncio.gather(
-                *(self.embeddings.embed(model, chunk) for chunk in chunks[start : start + window])
-            )
-            for outcome in outcomes:
-                vectors.append(outcome.vectors)
-                tokens.extend(outcome.token_counts)
-                versions.add(outcome.version)
-            await self._progress(job_id, lease, len(tokens), len(texts))
+
+        async def one(chunk: list[str]) -> EmbeddingOutcome:
+            nonlocal done, last_report, cancelled
+            async with window:
+                if cancelled:
+                    raise JobCancelled
+                outcome = await self.embeddings.embed(model, chunk)
+                done += len(chunk)
+                if time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
+                    last_report = time.monotonic()
+                    if await self.store.cancel_requested(job_id):
+                        cancelled = True
+                        raise JobCancelled
+                    await self._progress(job_id, lease, done, len(texts))
+                return outcome
+
+        tasks = [asyncio.ensure_future(one(chunk)) for chunk in chunks]
+        try:
+            outcomes = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        await self._progress(job_id, lease, len(texts), len(texts))
+        versions = {outcome.version for outcome in outcomes}
         if len(versions) > 1:
             raise RuntimeError(f"the model changed version during the job ({sorted(versions)}); retrying")
-        return np.concatenate(vectors), tokens, versions.pop()
+        tokens = [n for outcome in outcomes for n in outcome.token_counts]
+        return np.concatenate([outcome.vectors for outcome in outcomes]), tokens, versions.pop()
 
     async def _progress(self, job_id: str, lease: str, done: int, total: int) -> None:
         if not await self.store.record_progress(job_id, lease, done, total):

@@ -33,6 +33,7 @@ from serve_app.settings import REPO_ROOT, Settings, get_settings
 MODEL = "all-minilm-l6-v2"
 METRICS_SETTLE_S = 5.0  # Ray exports metrics every 2 s (RAY_metrics_report_interval_ms); wait two rounds
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
+ALL_SETUPS = ("raw", "plain", "serve", "full", "cached", "jobs")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -254,7 +255,7 @@ class Bench:
                     key=lambda r: r["concurrency"],
                 )
                 ax.plot([r["concurrency"] for r in rows], [r["items_per_s"] for r in rows], marker="o", label=setup)
-            raw = self.results["raw"]["by_batch_size"].get(str(size), {}).get("items_per_s")
+            raw = self.results["raw"].get("by_batch_size", {}).get(str(size), {}).get("items_per_s")
             if raw:
                 ax.axhline(raw, linestyle="--", color="grey", label=f"raw (batch {size})")
             ax.set(title=f"{size} text(s) per request", xlabel="concurrent clients", ylabel="texts/s", xscale="log")
@@ -308,24 +309,33 @@ class Bench:
         lines += ["", "![throughput and latency](benchmarks.png)"]
         return "\n".join(lines)
 
-    def run(self) -> dict:
+    def run(self, setups: tuple[str, ...] = ALL_SETUPS) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         self.results["machine"] = self.machine()
-        print("raw: the model in-process, all cores", flush=True)
-        self.raw()
-        print("plain: FastAPI + uvicorn, model in-process", flush=True)
-        self.plain()
+        if "raw" in setups:
+            print("raw: the model in-process, all cores", flush=True)
+            self.raw()
+        if "plain" in setups:
+            print("plain: FastAPI + uvicorn, model in-process", flush=True)
+            self.plain()
         self.warm_replicas()
-        print("serve: Serve directly, every item a cache miss", flush=True)
-        self.measure("serve", f"{self.settings.serve_url}/v1/embeddings")
-        print("full: through NGINX, every item a cache miss", flush=True)
-        self.measure("full", f"{self.settings.public_url}/v1/embeddings")
-        print("cached: through NGINX, every item a cache hit", flush=True)
-        self.warm_cache()
-        self.measure("cached", f"{self.settings.public_url}/v1/embeddings", mode="cached")
-        print("jobs: the same kind of items as one asynchronous job", flush=True)
-        self.jobs()
-        self.results["ratios"] = self.ratios()
+        if "serve" in setups:
+            print("serve: Serve directly, every item a cache miss", flush=True)
+            self.measure("serve", f"{self.settings.serve_url}/v1/embeddings")
+        if "full" in setups:
+            print("full: through NGINX, every item a cache miss", flush=True)
+            self.measure("full", f"{self.settings.public_url}/v1/embeddings")
+        if "cached" in setups:
+            print("cached: through NGINX, every item a cache hit", flush=True)
+            self.warm_cache()
+            self.measure("cached", f"{self.settings.public_url}/v1/embeddings", mode="cached")
+        if "jobs" in setups:
+            print("jobs: the same kind of items as one asynchronous job", flush=True)
+            self.jobs()
+        if set(ALL_SETUPS) <= set(setups):
+            self.results["ratios"] = self.ratios()
+        else:
+            self.results["ratios"] = {}
         print("\nratios (measured side by side in this run):")
         for name, value in self.results["ratios"].items():
             print(f"  {name:<36} {value}")
@@ -347,6 +357,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: every setup, a second or two each")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--setups", default=",".join(ALL_SETUPS), help="a subset, for a quick comparison")
+    parser.add_argument("--sizes", default=None, help="texts per request, e.g. 1,16")
+    parser.add_argument("--levels", default=None, help="concurrent clients, e.g. 8,32")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per point")
     args = parser.parse_args()
     settings = get_settings()
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -355,11 +369,19 @@ def main() -> None:
         bench = Bench(settings, out, sizes=[1, 16], levels=[4], duration_s=1.5, job_items=64)
     else:
         bench = Bench(settings, out, sizes=[1, 16], levels=[1, 8, 32], duration_s=8.0, job_items=2048)
+    if args.sizes:
+        bench.sizes = [int(v) for v in args.sizes.split(",")]
+    if args.levels:
+        bench.levels = [int(v) for v in args.levels.split(",")]
+    if args.duration:
+        bench.duration_s = args.duration
+    setups = tuple(args.setups.split(","))
+    partial = not set(ALL_SETUPS) <= set(setups)
     ready = httpx.get(f"{settings.public_url}/readyz", timeout=30)
     if ready.status_code != 200:
         sys.exit(f"the cluster is not ready ({ready.status_code}); run `make up` first")
-    bench.run()
-    if not args.quick:
+    bench.run(setups)
+    if not args.quick and not partial:
         bench.publish()
 
 

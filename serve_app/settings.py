@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     job_max_items: int = 100_000
     job_max_input_bytes: int = 256 * 1024 * 1024
     job_chunk_size: int = 64
-    job_parallel_chunks: int = 4
+    job_parallel_chunks: int = Field(8, description="Model calls in flight per job (a sliding window).")
     job_inline_result_max_items: int = 1000
     job_max_attempts: int = 3
     job_retry_delay_s: float = Field(2.0, description="First retry delay; doubles with each attempt.")
