@@ -24,47 +24,9 @@ import numpy as np
 from locust import HttpUser, between, events, task
 from locust.exception import RescheduleTask
 
+from loadtests.texts import WORDS
+
 MODEL = "all-minilm-l6-v2"
-WORDS = [
-    "model",
-    "serving",
-    "replica",
-    "batch",
-    "latency",
-    "throughput",
-    "cluster",
-    "request",
-    "cache",
-    "queue",
-    "vector",
-    "embedding",
-    "sentence",
-    "token",
-    "gateway",
-    "proxy",
-    "autoscale",
-    "gpu",
-    "cpu",
-    "memory",
-    "network",
-    "storage",
-    "object",
-    "bucket",
-    "version",
-    "deploy",
-    "config",
-    "health",
-    "ready",
-    "metric",
-    "trace",
-    "error",
-    "retry",
-    "job",
-    "worker",
-    "result",
-    "upload",
-    "download",
-]
 
 
 @events.init_command_line_parser.add_listener

@@ -34,6 +34,18 @@ class ModelNotFoundError(APIError):
     code = "model_not_found"
 
 
+class JobNotFoundError(APIError):
+    status_code = 404
+    code = "job_not_found"
+
+
+class JobStateError(APIError):
+    """The job's status does not allow what was asked (cancel an ended job, fetch an unfinished result)."""
+
+    status_code = 409
+    code = "job_state"
+
+
 class ServiceUnavailableError(APIError):
     status_code = 503
     type = "service_unavailable"

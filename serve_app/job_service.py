@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from serve_app.embedding_service import EmbeddingService
-from serve_app.errors import APIError, InvalidRequestError, ServiceUnavailableError
+from serve_app.errors import InvalidRequestError, JobNotFoundError, JobStateError, ServiceUnavailableError
 from serve_app.job_queue import JobPublisher, PublishError
 from serve_app.job_store import TERMINAL, JobStatus, JobStore, new_job_id, now, public_view
 from serve_app.object_store import InputError, JobObjects, ObjectRef
@@ -14,16 +14,6 @@ from serve_app.schemas import JobRequest
 from serve_app.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-class JobNotFoundError(APIError):
-    status_code = 404
-    code = "job_not_found"
-
-
-class JobStateError(APIError):
-    status_code = 409
-    code = "job_state"
 
 
 class JobService:

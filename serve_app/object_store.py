@@ -16,6 +16,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from serve_app.settings import Settings
+from serve_app.texts import text_problem
 
 UPLOAD_CONTENT_TYPE = "application/x-ndjson"
 
@@ -161,14 +162,8 @@ def parse_text_lines(lines: Iterator[bytes], *, max_items: int, max_chars: int) 
         text = value.get("text") if isinstance(value, dict) else value
         if not isinstance(text, str):
             raise InputError(f'line {number} must be a JSON string or an object with a "text" string')
-        if not text:
-            raise InputError(f"line {number} is an empty text")
-        if len(text) > max_chars:
-            raise InputError(f"line {number} has {len(text)} characters; the limit is {max_chars}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InputError(f"line {number} is not valid Unicode ({exc.reason})") from exc
+        if problem := text_problem(text, max_chars):
+            raise InputError(f"line {number} {problem}")
         texts.append(text)
         if len(texts) > max_items:
             raise InputError(f"the input has more than {max_items} texts")

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from serve_app.settings import get_settings
+from serve_app.texts import text_problem
 
 
 def _invalid(message: str) -> PydanticCustomError:
@@ -23,14 +24,8 @@ def validate_texts(texts: list[str], max_items: int) -> None:
     if len(texts) > max_items:
         raise _invalid(f"input has {len(texts)} texts; at most {max_items} are allowed")
     for i, text in enumerate(texts):
-        if not text:
-            raise _invalid(f"input[{i}] is empty; every text needs at least one character")
-        if len(text) > max_chars:
-            raise _invalid(f"input[{i}] has {len(text)} characters; the limit is {max_chars}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise _invalid(f"input[{i}] is not valid Unicode ({exc.reason})") from exc
+        if problem := text_problem(text, max_chars):
+            raise _invalid(f"input[{i}] {problem}")
 
 
 class EmbeddingRequest(BaseModel):

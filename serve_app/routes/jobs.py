@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from serve_app.deps import CallerDep, ServicesDep
-from serve_app.job_service import JobNotFoundError
+from serve_app.errors import JobNotFoundError
 from serve_app.job_store import public_view
 from serve_app.object_store import UPLOAD_CONTENT_TYPE, ObjectRef
 from serve_app.schemas import (

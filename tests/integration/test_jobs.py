@@ -273,7 +273,7 @@ def test_too_many_inline_texts_are_refused(api, settings):
     [
         (['"fine"', '"also fine"', "{not json"], "line 3 is not valid JSON"),
         (['"fine"', "42"], "line 2 must be a JSON string"),
-        (['"fine"', '""'], "line 2 is an empty text"),
+        (['"fine"', '""'], "line 2 is empty"),
         (["", "   "], "no texts"),
         (['"fine"', '"' + "x" * 120_000 + '"'], "line 2 is longer than"),
     ],
