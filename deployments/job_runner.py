@@ -3,7 +3,8 @@
 Idempotent by job id: a job already ended is acknowledged without work; results are written
 under the job's id, so a redelivered job overwrites its own result and never adds another.
 Work goes to the model in chunks through the same embedding service as synchronous requests
-(cache reuse, the model's batching), with progress recorded and cancellation checked per chunk.
+(cache reuse, the model's batching), with progress recorded and cancellation checked as chunks finish
+(at most every PROGRESS_INTERVAL_S).
 """
 
 from __future__ import annotations
@@ -181,6 +182,5 @@ class JobRunner:
         if len(tokens) <= self.settings.job_inline_result_max_items:
             await self.store.save_inline_result(job_id, version, vectors, tokens)
             return {**result, "kind": "inline"}
-        ref = await asyncio.to_thread(self.objects.write_result, job_id, vectors, tokens)
-        size = await asyncio.to_thread(self.objects.result_size, ref)
+        ref, size = await asyncio.to_thread(self.objects.write_result, job_id, vectors, tokens)
         return {**result, "kind": "object", "url": ref.url, "bytes": size}

@@ -20,9 +20,8 @@ from serve_app.embedding_service import EmbeddingService
 from serve_app.history import mongo_client
 from serve_app.job_queue import Disposition, JobConsumer, JobPublisher
 from serve_app.job_store import JobStore, public_view
-from serve_app.model_client import ModelClient
 from serve_app.object_store import JobObjects
-from serve_app.result_cache import GuardedRedis, ResultCache
+from serve_app.result_cache import GuardedRedis
 from serve_app.settings import get_settings
 
 logger = logging.getLogger("ray.serve")
@@ -39,11 +38,7 @@ class JobWorker:
         self.redis = GuardedRedis.from_settings(settings)
         self.mongo = mongo_client(settings)
         self.store = JobStore(self.mongo, settings, self.redis)
-        clients = {
-            name: ModelClient(name, handle, refresh_s=settings.model_info_refresh_s, timeout_s=settings.model_timeout_s)
-            for name, handle in models.items()
-        }
-        embeddings = EmbeddingService(clients, ResultCache(self.redis, settings.cache_ttl_s))
+        embeddings = EmbeddingService.from_settings(settings, models, self.redis)
         self.runner = JobRunner(settings, self.store, embeddings, JobObjects(settings))
         self.publisher = JobPublisher(settings)
         self.loop = asyncio.get_running_loop()

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from ray.serve.handle import DeploymentHandle
 
 from serve_app.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.model_client import ModelClient
-from serve_app.result_cache import ResultCache, cache_key, pack, packed_size, unpack
+from serve_app.result_cache import GuardedRedis, ResultCache, cache_key, pack, packed_size, unpack
+from serve_app.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,17 @@ class EmbeddingService:
     def __init__(self, models: dict[str, ModelClient], cache: ResultCache) -> None:
         self.models = models
         self.cache = cache
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, handles: dict[str, DeploymentHandle], redis: GuardedRedis
+    ) -> EmbeddingService:
+        """The same service for the gateway and the job workers: a client per model, the Redis cache."""
+        models = {
+            name: ModelClient(name, handle, refresh_s=settings.model_info_refresh_s, timeout_s=settings.model_timeout_s)
+            for name, handle in handles.items()
+        }
+        return cls(models, ResultCache(redis, settings.cache_ttl_s))
 
     def model(self, name: str) -> ModelClient:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -130,8 +131,11 @@ class JobObjects:
             response.close()
             response.release_conn()
 
-    def write_result(self, job_id: str, vectors: np.ndarray, token_counts: list[int]) -> ObjectRef:
-        """Write results as JSON lines ({"index", "embedding", "tokens"}); the same job id, the same key."""
+    def write_result(self, job_id: str, vectors: np.ndarray, token_counts: list[int]) -> tuple[ObjectRef, int]:
+        """Write results as JSON lines ({"index", "embedding", "tokens"}); the same job id, the same key.
+
+        Returns where, and how many bytes.
+        """
         self.ensure_bucket()
         ref = ObjectRef(self.bucket, f"results/{job_id}.jsonl")
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=True) as out:
@@ -139,10 +143,7 @@ class JobObjects:
                 out.write(json.dumps({"index": i, "embedding": row.tolist(), "tokens": tokens}) + "\n")
             out.flush()
             self.client.fput_object(ref.bucket, ref.key, out.name, content_type=UPLOAD_CONTENT_TYPE)
-        return ref
-
-    def result_size(self, ref: ObjectRef) -> int:
-        return self.client.stat_object(ref.bucket, ref.key).size or 0
+            return ref, os.path.getsize(out.name)
 
     def download_url(self, ref: ObjectRef) -> str:
         return self.presigner.presigned_get_object(ref.bucket, ref.key, expires=self.expiry)

@@ -18,7 +18,7 @@ from serve_app.job_store import JobStore
 from serve_app.model_client import ModelClient
 from serve_app.model_repository import ModelRepository
 from serve_app.object_store import JobObjects
-from serve_app.result_cache import GuardedRedis, ResultCache
+from serve_app.result_cache import GuardedRedis
 from serve_app.schemas import ComponentStatus, Readiness
 from serve_app.settings import Settings
 
@@ -51,11 +51,7 @@ class Services:
     ) -> Services:
         redis = GuardedRedis.from_settings(settings)
         mongo = mongo_client(settings)
-        models = {
-            name: ModelClient(name, handle, refresh_s=settings.model_info_refresh_s, timeout_s=settings.model_timeout_s)
-            for name, handle in handles.items()
-        }
-        embeddings = EmbeddingService(models, ResultCache(redis, settings.cache_ttl_s))
+        embeddings = EmbeddingService.from_settings(settings, handles, redis)
         job_store = JobStore(mongo, settings, redis)
         publisher = JobPublisher(settings)
         objects = JobObjects(settings)
@@ -65,7 +61,7 @@ class Services:
             mongo=mongo,
             history=HistoryWriter.from_settings(settings, mongo),
             repository=ModelRepository.from_settings(settings, timeout_s=CHECK_TIMEOUT_S),
-            models=models,
+            models=embeddings.models,
             embeddings=embeddings,
             job_store=job_store,
             job_publisher=publisher,
