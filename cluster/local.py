@@ -7,7 +7,9 @@ python -m cluster status   # each component: who runs it and whether it answers
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ import yaml
 from cluster.processes import wait_until
 from cluster.seed import seed_default_model
 from cluster.services import VENV_BIN, Ray, ServiceError, all_services, load_serve_config, ray_env
+from serve_app.admin import ensure_dev_key
 from serve_app.settings import Settings, get_settings
 
 
@@ -42,10 +45,16 @@ def deploy(settings: Settings, config: dict | None = None) -> Path:
     return rendered
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """A client context that trusts the local CA (or, with real certificates, the system's)."""
+    local_ca = settings.tls_cert_file is None and settings.tls_ca_file.exists()
+    return ssl.create_default_context(cafile=settings.tls_ca_file if local_ca else None)
+
+
 def readiness(settings: Settings, base_url: str | None = None) -> dict | None:
     try:
         url = f"{base_url or settings.public_url}/readyz"
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=5, context=tls_context(settings)) as response:
             return json.loads(response.read())
     except (OSError, ValueError):
         return None
@@ -90,6 +99,8 @@ def up(settings: Settings | None = None) -> list[str]:
     began = time.monotonic()
     wait_ready(settings)
     _say(f"  {'api':<13} ready     {settings.public_url} ({time.monotonic() - began:.1f}s)")
+    _, made = asyncio.run(ensure_dev_key(settings))
+    _say(f"  {'api key':<13} {'created' if made else 'kept':<9} {settings.dev_key_file} (user {settings.dev_owner})")
     return started
 
 
@@ -129,18 +140,25 @@ def status(settings: Settings | None = None) -> list[dict]:
 
 def banner(settings: Settings) -> str:
     body = json.dumps({"model": settings.default_model, "input": ["Ray Serve scales replicas", "Serving at scale"]})
+    https = ""
+    if settings.https_url:
+        ca = f" --cacert {settings.tls_ca_file}" if settings.tls_cert_file is None else ""
+        https = f"\n  HTTPS          {settings.https_url}   (curl{ca})"
     return f"""
 The cluster is up.
-  API            {settings.public_url}   (NGINX -> Serve proxy {settings.serve_url})
+  API            {settings.public_url}   (NGINX -> Serve proxy {settings.serve_url}){https}
   API docs       {settings.public_url}/docs
-  Ray dashboard  {settings.dashboard_url}
+  Ray dashboard  {settings.dashboard_url}   (loopback only; not through NGINX)
+  API key        {settings.dev_key_file}   (user {settings.dev_owner}; scopes infer, jobs, admin)
   State and logs {settings.state_dir}
 
 Try it:
   curl -s {settings.public_url}/v1/embeddings \\
+    -H "Authorization: Bearer $(cat {settings.dev_key_file})" \\
     -H 'Content-Type: application/json' \\
     -d '{body}'
 
+More keys and users: python -m serve_app.admin --help (or /v1/admin/* with this key).
 Stop it with `make down`; see each component with `make status`.
 """
 

@@ -18,6 +18,7 @@ import jinja2
 import yaml
 
 from cluster.processes import ManagedProcess, wait_until
+from cluster.tls import ensure_local_certificate
 from serve_app.settings import REPO_ROOT, Settings
 
 VENV_BIN = Path(sys.executable).parent
@@ -227,7 +228,10 @@ class RabbitMQ(Service):
             RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),
             ERL_EPMD_ADDRESS="127.0.0.1",
             # Unacked jobs may run longer than RabbitMQ's default 30-minute consumer timeout.
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-rabbit consumer_timeout 86400000",
+            # The distribution port (for rabbitmqctl) listens on loopback only, as the AMQP port does.
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-rabbit consumer_timeout 86400000 "
+            "-kernel inet_dist_use_interface {127,0,0,1}",
+            RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
         )
 
     def answers(self) -> bool:
@@ -323,7 +327,8 @@ class Nginx(Service):
 
     @property
     def address(self) -> str:
-        return f"{self.settings.nginx_host}:{self.settings.nginx_port}"
+        tls = f" +{self.settings.nginx_tls_port}" if self.settings.nginx_tls_port else ""
+        return f"{self.settings.nginx_host}:{self.settings.nginx_port}{tls}"
 
     @property
     def prefix(self) -> Path:
@@ -337,7 +342,7 @@ class Nginx(Service):
         return self.prefix / "nginx.conf"
 
     def answers(self) -> bool:
-        return http_ok(f"{self.settings.public_url}/-/nginx")
+        return http_ok(f"{self.settings.http_url}/-/nginx")
 
     def render(self) -> str:
         template = jinja2.Environment(
@@ -354,6 +359,7 @@ class Nginx(Service):
 
     def write_config(self) -> bool:
         """Render the config, have NGINX test it, then put it in place; True if it changed."""
+        ensure_local_certificate(self.settings)
         rendered = self.render()
         old = self.conf_path.read_text() if self.conf_path.exists() else None
         if rendered == old:

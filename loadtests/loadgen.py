@@ -2,6 +2,7 @@
 
     python -m loadtests.loadgen URL --concurrency 32 --size 16 --duration 8 --mode fresh
 Prints one JSON line: requests, items, errors, seconds, latency percentiles, and this process's CPU.
+The API key, if any, comes from $LOADGEN_API_KEY.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import resource
 import time
 
@@ -19,6 +21,7 @@ import numpy as np
 from loadtests.texts import fixed_set, fresh_batches
 
 MODEL = "all-minilm-l6-v2"
+API_KEY_ENV = "LOADGEN_API_KEY"  # an environment variable, not an argument: `ps` shows arguments
 
 
 async def run(url: str, concurrency: int, size: int, duration_s: float, mode: str, start: int) -> dict:
@@ -30,7 +33,9 @@ async def run(url: str, concurrency: int, size: int, duration_s: float, mode: st
     latencies: list[float] = []
     errors = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    key = os.environ.get(API_KEY_ENV)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
 
         async def worker(deadline: float) -> None:
             nonlocal errors

@@ -10,15 +10,17 @@ Options (also as LOCUST_* environment variables):
     --zipf-s S              Zipf exponent of that draw; higher repeats more (default 1.1)
     --job-texts N           texts per asynchronous job (default 200)
     --fresh-weight/--repeated-weight/--jobs-weight   the mix (default 4/4/1)
-    --api-key KEY           sent as a Bearer token when given
+    --api-key KEY           sent as a Bearer token (default: the key `make up` wrote to .cluster/api-key)
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 from locust import HttpUser, between, events, task
@@ -27,6 +29,12 @@ from locust.exception import RescheduleTask
 from loadtests.texts import WORDS
 
 MODEL = "all-minilm-l6-v2"
+
+
+def _dev_key() -> str:
+    """The key `make up` wrote, if this runs where the cluster was brought up."""
+    path = Path(os.environ.get("INFER_STATE_DIR", Path(__file__).resolve().parents[1] / ".cluster")) / "api-key"
+    return path.read_text().strip() if path.exists() else ""
 
 
 @events.init_command_line_parser.add_listener
@@ -39,7 +47,7 @@ def _options(parser) -> None:
     parser.add_argument("--fresh-weight", type=int, default=4, env_var="LOCUST_FRESH_WEIGHT")
     parser.add_argument("--repeated-weight", type=int, default=4, env_var="LOCUST_REPEATED_WEIGHT")
     parser.add_argument("--jobs-weight", type=int, default=1, env_var="LOCUST_JOBS_WEIGHT")
-    parser.add_argument("--api-key", default="", env_var="LOCUST_API_KEY")
+    parser.add_argument("--api-key", default=_dev_key(), env_var="LOCUST_API_KEY", is_secret=True)
 
 
 @events.init.add_listener

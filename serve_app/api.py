@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from serve_app.errors import install_error_handlers
 from serve_app.request_context import RequestContextMiddleware
-from serve_app.routes import embeddings, health, jobs, models
+from serve_app.routes import admin, auth, embeddings, health, history, jobs, models
 from serve_app.services import Services
 
 API_VERSION = "0.1.0"
@@ -31,6 +31,14 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, history=services.history)
-    for router in (embeddings.router, jobs.router, models.router, health.router):
+    for router in (
+        embeddings.router,
+        jobs.router,
+        models.router,
+        auth.router,
+        history.router,
+        admin.router,
+        health.router,
+    ):
         app.include_router(router)
     return app

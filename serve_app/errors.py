@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,10 +20,11 @@ class APIError(Exception):
     type = "invalid_request_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers
 
 
 class InvalidRequestError(APIError):
@@ -44,6 +46,46 @@ class JobStateError(APIError):
 
     status_code = 409
     code = "job_state"
+
+
+class AuthenticationError(APIError):
+    """No credential, or one that is malformed, unknown, revoked or expired."""
+
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+        self.code = code or self.code
+
+
+class PermissionDeniedError(APIError):
+    status_code = 403
+    type = "permission_error"
+    code = "insufficient_scope"
+
+
+class ConflictError(APIError):
+    status_code = 409
+    code = "conflict"
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    code = "not_found"
+
+
+class RateLimitError(APIError):
+    """Too many requests, or too many jobs at once, for this key; retry after the given seconds."""
+
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+        self.code = code or self.code
 
 
 class ServiceUnavailableError(APIError):
@@ -70,7 +112,8 @@ def _describe(error: dict) -> str:
 
 
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, param=exc.param, code=exc.code), exc.status_code)
+    body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
+    return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -84,11 +127,16 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse(body, 422)
 
 
+# FastAPI's words for a body it cannot decode at all (invalid UTF-8, say), made specific.
+_UNPARSABLE_BODY = "There was an error parsing the body"
+
+
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     type_ = "not_found" if exc.status_code == 404 else "invalid_request_error"
-    return JSONResponse(
-        error_body(str(exc.detail), type_, code=str(exc.status_code)), exc.status_code, headers=exc.headers
-    )
+    message = str(exc.detail)
+    if exc.status_code == 400 and message == _UNPARSABLE_BODY:
+        message = "the body could not be parsed: send JSON encoded as UTF-8"
+    return JSONResponse(error_body(message, type_, code=str(exc.status_code)), exc.status_code, headers=exc.headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

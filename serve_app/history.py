@@ -15,7 +15,7 @@ from collections import deque
 from datetime import UTC, datetime
 
 from bson import ObjectId
-from pymongo import ASCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import (
     BulkWriteError,
@@ -118,7 +118,17 @@ class HistoryWriter:
             )
         await self.collection.create_index([("request_id", ASCENDING)], name="request_id")
         await self.collection.create_index([("model", ASCENDING), ("ts", ASCENDING)], name="model_ts")
+        await self.collection.create_index([("owner", ASCENDING), ("_id", DESCENDING)], name="owner_newest")
         self._indexes_ready = True
+
+    async def page(self, owner: str, *, limit: int, before: str | None) -> list[dict]:
+        """One owner's records, newest first, older than the record `before` (an id) if given."""
+        query: dict = {"owner": owner}
+        if before is not None:
+            if not ObjectId.is_valid(before):
+                return []
+            query["_id"] = {"$lt": ObjectId(before)}
+        return await self.collection.find(query).sort("_id", DESCENDING).limit(limit).to_list(limit)
 
     async def flush(self) -> bool:
         """Write up to one batch; False if MongoDB was unreachable (the batch is kept for later)."""

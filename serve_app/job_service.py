@@ -5,8 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from serve_app.auth import Authenticator, Principal
 from serve_app.embedding_service import EmbeddingService
-from serve_app.errors import InvalidRequestError, JobNotFoundError, JobStateError, ServiceUnavailableError
+from serve_app.errors import (
+    InvalidRequestError,
+    JobNotFoundError,
+    JobStateError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
 from serve_app.job_queue import JobPublisher, PublishError
 from serve_app.job_store import TERMINAL, JobStatus, JobStore, new_job_id, now, public_view
 from serve_app.object_store import InputError, JobObjects, ObjectRef
@@ -24,29 +31,33 @@ class JobService:
         publisher: JobPublisher,
         objects: JobObjects,
         embeddings: EmbeddingService,
+        auth: Authenticator,
     ) -> None:
         self.settings = settings
         self.store = store
         self.publisher = publisher
         self.objects = objects
         self.embeddings = embeddings
+        self.auth = auth
 
-    async def submit(self, request: JobRequest, owner: str) -> dict:
+    async def submit(self, request: JobRequest, caller: Principal) -> dict:
         """The job document once it is stored and its message confirmed by RabbitMQ."""
         self.embeddings.model(request.model)  # an unknown model is refused here, not by a worker
         if request.input is not None:
             source = {"kind": "inline", "count": len(request.input)}
         else:
-            ref = self._input_ref(request)
+            ref = self._input_ref(request, caller.owner)
             try:
                 await asyncio.to_thread(self.objects.check_input, ref)
             except InputError as exc:
                 raise InvalidRequestError(str(exc), param="upload_id" if request.upload_id else "input_url") from exc
             source = {"kind": "object", "url": ref.url}
         job_id = new_job_id()
+        await self._admit(caller, job_id)
         doc = {
             "_id": job_id,
-            "owner": owner,
+            "owner": caller.owner,
+            "key_id": caller.key_id,
             "model": request.model,
             "status": JobStatus.QUEUED,
             "input": source,
@@ -63,7 +74,11 @@ class JobService:
             if request.callback_url
             else None,
         }
-        await self.store.create(doc, request.input)
+        try:
+            await self.store.create(doc, request.input)
+        except BaseException:
+            await self.auth.release_jobs(caller.key_id, [job_id])
+            raise
         try:
             await self.publisher.publish(job_id)
         except PublishError as exc:
@@ -78,13 +93,38 @@ class JobService:
             logger.warning("job %s published but not marked so: %r", job_id, exc)
         return doc
 
-    def _input_ref(self, request: JobRequest) -> ObjectRef:
+    async def _admit(self, caller: Principal, job_id: str) -> None:
+        """Count the job against its key's concurrent-job quota, or refuse it with a 429.
+
+        A full quota is checked against MongoDB once: a job whose end Redis missed (it was
+        down) is released then, so a lost release never blocks a key for good.
+        """
+        if await self.auth.admit_job(caller, job_id) is not False:
+            return
+        counted = await self.auth.active_jobs(caller.key_id)
+        ended = set(counted) - await self.store.active_among(counted)
+        if ended:
+            await self.auth.release_jobs(caller.key_id, sorted(ended))
+            if await self.auth.admit_job(caller, job_id) is not False:
+                return
+        raise RateLimitError(
+            f"key {caller.key_id} already has {caller.max_jobs} jobs queued or running (its limit); "
+            "wait for one to end",
+            retry_after_s=self.settings.job_quota_retry_after_s,
+            code="job_quota_exceeded",
+        )
+
+    def _input_ref(self, request: JobRequest, owner: str) -> ObjectRef:
         if request.upload_id is not None:
-            return ObjectRef(self.objects.bucket, f"uploads/{request.upload_id}.jsonl")
+            return self.objects.upload_ref(owner, request.upload_id)
         try:
-            return ObjectRef.parse(request.input_url or "")
+            ref = ObjectRef.parse(request.input_url or "")
         except InputError as exc:
             raise InvalidRequestError(str(exc), param="input_url") from exc
+        mine = f"s3://{self.objects.bucket}/{self.objects.uploads_prefix(owner)}"
+        if not ref.url.startswith(mine) or ".." in ref.key.split("/"):
+            raise InvalidRequestError(f"jobs read inputs from your own uploads only ({mine}...)", param="input_url")
+        return ref
 
     async def owned(self, job_id: str, owner: str, *, fresh: bool = False) -> dict:
         """A job of this owner; another owner's job is exactly as missing as no job.

@@ -15,6 +15,7 @@ import numpy as np
 from bson import Binary, ObjectId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 
+from serve_app.auth import active_jobs_key
 from serve_app.result_cache import GuardedRedis
 from serve_app.settings import Settings
 
@@ -59,6 +60,7 @@ def public_view(doc: dict) -> dict:
         "model": doc["model"],
         "status": doc["status"],
         "owner": doc.get("owner"),
+        "key_id": doc.get("key_id"),
         "input": doc.get("input"),
         "progress": {"done": progress.get("done", 0), "total": progress.get("total")},
         "attempts": doc.get("attempts", 0),
@@ -179,7 +181,15 @@ class JobStore:
 
     async def _update(self, query: dict, update: dict) -> dict | None:
         doc = await self.jobs.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
+        if doc is not None and doc["status"] in TERMINAL and doc.get("key_id"):
+            # An ended job no longer counts against its key's concurrent-job quota (idempotent).
+            await self.redis.run(lambda r: r.zrem(active_jobs_key(doc["key_id"]), doc["_id"]), None)
         return await self._cache(doc)
+
+    async def active_among(self, job_ids: list[str]) -> set[str]:
+        """Which of these jobs are still queued or running."""
+        cursor = self.jobs.find({"_id": {"$in": job_ids}, "status": {"$in": list(ACTIVE)}}, {"_id": 1})
+        return {doc["_id"] async for doc in cursor}
 
     async def request_cancel(self, job_id: str, owner: str) -> dict | None:
         """Cancel a queued job at once; ask a running one to stop at its next chunk."""

@@ -83,10 +83,18 @@ class JobObjects:
                         raise
             self._bucket_ready = True
 
-    def new_upload(self) -> tuple[ObjectRef, str]:
+    @staticmethod
+    def uploads_prefix(owner: str) -> str:
+        """Each user's uploads live under their own prefix; jobs read only their owner's."""
+        return f"uploads/{owner}/"
+
+    def upload_ref(self, owner: str, upload_id: str) -> ObjectRef:
+        return ObjectRef(self.bucket, f"{self.uploads_prefix(owner)}{upload_id}.jsonl")
+
+    def new_upload(self, owner: str) -> tuple[ObjectRef, str]:
         """A fresh key for a JSON-lines file of texts, and a presigned PUT URL for it."""
         self.ensure_bucket()
-        ref = ObjectRef(self.bucket, f"uploads/{uuid.uuid4().hex}.jsonl")
+        ref = self.upload_ref(owner, uuid.uuid4().hex)
         return ref, self.presigner.presigned_put_object(ref.bucket, ref.key, expires=self.expiry)
 
     def check_input(self, ref: ObjectRef) -> int:

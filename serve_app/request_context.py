@@ -1,4 +1,4 @@
-"""ASGI middleware: a request id on every request and response, and a history record per inference call."""
+"""ASGI middleware: a request id on every request and response, and a history record (with the caller) per POST."""
 
 from __future__ import annotations
 
@@ -45,10 +45,13 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             if scope["method"] == "POST" and scope["path"].startswith(RECORDED_PREFIX):
+                principal = state.get("principal")  # set by authentication; absent when it refused
                 self.history.record(
                     request_id=request_id,
                     endpoint=scope["path"],
                     status=status,
                     latency_ms=round((time.perf_counter() - started) * 1000, 3),
+                    owner=principal.owner if principal else None,
+                    key_id=principal.key_id if principal else None,
                     **state.get("history", {}),
                 )

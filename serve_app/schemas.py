@@ -186,7 +186,8 @@ class JobDocument(BaseModel):
     object: Literal["job"] = "job"
     model: str
     status: JobStatusName
-    owner: str | None
+    owner: str | None = Field(description="The user (tenant) whose key submitted the job.")
+    key_id: str | None = Field(None, description="The id of the key that submitted it.")
     input: dict
     progress: JobProgress
     attempts: int
@@ -239,3 +240,134 @@ class UploadTicket(BaseModel):
     method: Literal["PUT"] = "PUT"
     headers: dict[str, str]
     expires_in_s: int
+
+
+# -- identity: sessions, users, keys, history -------------------------------------------------
+
+ScopeName = Literal["infer", "jobs", "admin"]
+USER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class Identity(BaseModel):
+    """Who the presented credential belongs to, and its limits."""
+
+    key_id: str
+    owner: str
+    scopes: list[ScopeName]
+    via: Literal["key", "session"]
+    rate_limit_per_s: float = Field(description="0: unlimited.")
+    burst: int
+    max_concurrent_jobs: int = Field(description="0: unlimited.")
+    expires_at: str | None
+
+
+class Session(BaseModel):
+    """A short-lived token standing in for the API key that logged in (also set as a cookie)."""
+
+    object: Literal["session"] = "session"
+    token: str = Field(description="Send as 'Authorization: Bearer <token>'; shown only now.")
+    token_type: Literal["bearer"] = "bearer"
+    expires_in_s: int
+    expires_at: str
+    key_id: str
+    owner: str
+
+
+class LoggedOut(BaseModel):
+    object: Literal["session"] = "session"
+    ended: bool = Field(description="False if the session had already expired or ended.")
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=USER_NAME_PATTERN, description="The tenant's name; jobs and history are per user.")
+    description: str | None = Field(None, max_length=500)
+
+
+class User(BaseModel):
+    object: Literal["user"] = "user"
+    name: str
+    description: str | None
+    created_at: str
+    disabled: bool
+    disabled_at: str | None = None
+
+
+class UserList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[User]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str = Field(pattern=USER_NAME_PATTERN, description="An existing, enabled user.")
+    name: str | None = Field(None, max_length=100, description="A label, such as where the key is used.")
+    scopes: list[ScopeName] = Field(["infer", "jobs"], min_length=1, max_length=3)
+    expires_in_s: int | None = Field(None, ge=60, le=10 * 365 * 86400, description="Null: never expires.")
+    rate_limit_per_s: float | None = Field(None, ge=0, le=1e6, description="Null: the default; 0: unlimited.")
+    burst: int | None = Field(None, ge=1, le=1_000_000, description="Null: the default.")
+    max_concurrent_jobs: int | None = Field(None, ge=0, le=100_000, description="Null: the default; 0: unlimited.")
+
+
+class KeyInfo(BaseModel):
+    """A key as stored: never the key itself."""
+
+    object: Literal["api_key"] = "api_key"
+    id: str
+    prefix: str = Field(description="The key's first characters, to recognise it.")
+    owner: str
+    name: str | None
+    scopes: list[ScopeName]
+    created_at: str
+    last_used_at: str | None = Field(description="Accurate to the key-cache TTL (INFER_AUTH_CACHE_TTL_S).")
+    expires_at: str | None
+    revoked: bool
+    revoked_at: str | None
+    rate_limit_per_s: float | None
+    burst: int | None
+    max_concurrent_jobs: int | None
+
+
+class CreatedKey(KeyInfo):
+    key: str = Field(description="The API key. It is shown only now: store it.")
+
+
+class KeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[KeyInfo]
+
+
+class KeyRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace_s: int = Field(3600, ge=0, le=30 * 86400, description="The old key keeps working this long; 0: revoke now.")
+
+
+class RotatedKey(BaseModel):
+    object: Literal["api_key.rotation"] = "api_key.rotation"
+    key: str = Field(description="The new API key, shown only now.")
+    new: KeyInfo
+    old: KeyInfo
+
+
+class HistoryRecord(BaseModel):
+    request_id: str
+    ts: str
+    endpoint: str
+    status: int
+    latency_ms: float
+    key_id: str | None = None
+    model: str | None = None
+    items: int | None = None
+    cache_hits: int | None = None
+    version: str | None = None
+    kind: str | None = None
+    job_id: str | None = None
+
+
+class HistoryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[HistoryRecord]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null at the end.")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pymongo import AsyncMongoClient
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.auth import Authenticator, KeyStore
 from serve_app.embedding_service import EmbeddingService
 from serve_app.history import HistoryWriter, mongo_client
 from serve_app.job_queue import JobPublisher
@@ -38,6 +39,8 @@ class Services:
     job_publisher: JobPublisher
     job_objects: JobObjects
     jobs: JobService
+    keys: KeyStore
+    auth: Authenticator
     job_worker: DeploymentHandle | None
     _readiness: tuple[float, Readiness] | None = None
     _readiness_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -55,6 +58,8 @@ class Services:
         job_store = JobStore(mongo, settings, redis)
         publisher = JobPublisher(settings)
         objects = JobObjects(settings)
+        keys = KeyStore(mongo[settings.mongo_db], redis, settings)
+        auth = Authenticator(settings, keys, redis)
         return cls(
             settings=settings,
             redis=redis,
@@ -66,7 +71,9 @@ class Services:
             job_store=job_store,
             job_publisher=publisher,
             job_objects=objects,
-            jobs=JobService(settings, job_store, publisher, objects, embeddings),
+            jobs=JobService(settings, job_store, publisher, objects, embeddings, auth),
+            keys=keys,
+            auth=auth,
             job_worker=job_worker,
         )
 

@@ -94,6 +94,29 @@ class Settings(BaseSettings):
     callback_max_attempts: int = 4
     callback_retry_delay_s: float = 0.5
 
+    # Authentication and per-key limits (a key's own limits, when set, win over these defaults).
+    auth_cache_ttl_s: float = Field(
+        10.0, description="A key lookup is cached in Redis this long: the bound on a revocation Redis missed."
+    )
+    session_ttl_s: int = Field(3600, description="Lifetime of a session token from POST /v1/auth/login.")
+    rate_limit_per_s: float = Field(100.0, description="Requests per second per key (token bucket); 0: unlimited.")
+    rate_limit_burst: int = Field(200, description="Token bucket size: requests a key may send at once.")
+    max_concurrent_jobs: int = Field(8, description="Queued plus running jobs per key; 0: unlimited.")
+    job_quota_retry_after_s: float = Field(5.0, description="Retry-After of a 429 for a full job quota.")
+    dev_owner: str = Field("dev", description="The user `make up` creates its development key for.")
+
+    # TLS and NGINX's outer shield (per client address, before any key is looked at).
+    nginx_tls_port: int | None = Field(8443, description="HTTPS port; None turns TLS off.")
+    tls_cert_file: Path | None = Field(None, description="Certificate chain (PEM); default: a local CA's.")
+    tls_key_file: Path | None = Field(None, description="Its private key (PEM); default: made by the bring-up.")
+    nginx_http_redirect: bool | None = Field(
+        None, description="Redirect HTTP to HTTPS; default: yes unless NGINX listens on loopback only."
+    )
+    nginx_limit_req_per_s: int = 2000
+    nginx_limit_req_burst: int = 4000
+    nginx_limit_conn: int = 512
+    nginx_header_buffers: str = Field("4 16k", description="large_client_header_buffers: bigger headers get 431.")
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def weights_cache_dir(self) -> Path:
@@ -101,8 +124,54 @@ class Settings(BaseSettings):
 
     @computed_field  # type: ignore[prop-decorator]
     @property
-    def public_url(self) -> str:
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def tls_ca_file(self) -> Path:
+        """The local CA that signs the self-signed certificate (clients trust it with --cacert)."""
+        return self.tls_dir / "ca.pem"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def tls_certificate(self) -> Path:
+        return self.tls_cert_file or self.tls_dir / "server.pem"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def tls_private_key(self) -> Path:
+        return self.tls_key_file or self.tls_dir / "server.key"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def redirects_http(self) -> bool:
+        if self.nginx_tls_port is None:
+            return False
+        if self.nginx_http_redirect is not None:
+            return self.nginx_http_redirect
+        return not self.nginx_host.startswith("127.") and self.nginx_host not in ("localhost", "::1")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def http_url(self) -> str:
         return f"http://{self.nginx_host}:{self.nginx_port}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def https_url(self) -> str | None:
+        return f"https://{self.nginx_host}:{self.nginx_tls_port}" if self.nginx_tls_port else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def public_url(self) -> str:
+        """Where clients go: HTTPS when plain HTTP only redirects, else HTTP."""
+        return self.https_url if self.redirects_http and self.https_url else self.http_url
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def dev_key_file(self) -> Path:
+        return self.state_dir / "api-key"
 
     @computed_field  # type: ignore[prop-decorator]
     @property

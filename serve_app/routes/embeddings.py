@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
-from serve_app.deps import EmbeddingServiceDep
+from serve_app.deps import EmbeddingServiceDep, require_infer
+from serve_app.routes import AUTH_ERRORS
 from serve_app.schemas import Embedding, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Usage
 
-router = APIRouter(tags=["embeddings"])
+router = APIRouter(tags=["embeddings"], dependencies=[Depends(require_infer)], responses=AUTH_ERRORS)
 
 CACHE_HITS_HEADER = "X-Cache-Hits"
 MODEL_VERSION_HEADER = "X-Model-Version"

@@ -6,12 +6,13 @@ import asyncio
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
-from serve_app.deps import CallerDep, ServicesDep
+from serve_app.deps import JobsCallerDep, ServicesDep, require_jobs
 from serve_app.errors import JobNotFoundError
 from serve_app.job_store import public_view
 from serve_app.object_store import UPLOAD_CONTENT_TYPE, ObjectRef
+from serve_app.routes import AUTH_ERRORS
 from serve_app.schemas import (
     Embedding,
     ErrorResponse,
@@ -25,18 +26,18 @@ from serve_app.schemas import (
     Usage,
 )
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], dependencies=[Depends(require_jobs)], responses=AUTH_ERRORS)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="The job's id.")]
 ERRORS = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
 @router.post("/v1/uploads", response_model=UploadTicket, status_code=201, responses=ERRORS)
-async def create_upload(services: ServicesDep) -> UploadTicket:
+async def create_upload(services: ServicesDep, caller: JobsCallerDep) -> UploadTicket:
     """A presigned PUT URL for a JSON-lines file of texts, to submit as a job's input."""
-    ref, url = await asyncio.to_thread(services.job_objects.new_upload)
+    ref, url = await asyncio.to_thread(services.job_objects.new_upload, caller.owner)
     return UploadTicket(
-        upload_id=ref.key.removeprefix("uploads/").removesuffix(".jsonl"),
+        upload_id=ref.key.rsplit("/", 1)[-1].removesuffix(".jsonl"),
         input_url=ref.url,
         url=url,
         headers={"Content-Type": UPLOAD_CONTENT_TYPE},
@@ -47,7 +48,9 @@ async def create_upload(services: ServicesDep) -> UploadTicket:
 @router.post(
     "/v1/jobs", response_model=JobDocument, status_code=202, responses={400: {"model": ErrorResponse}, **ERRORS}
 )
-async def submit_job(body: JobRequest, request: Request, response: Response, services: ServicesDep, caller: CallerDep):
+async def submit_job(
+    body: JobRequest, request: Request, response: Response, services: ServicesDep, caller: JobsCallerDep
+):
     """Accept a job: 202 at once with its id, status URL (Location) and document."""
     request.state.history = {"model": body.model, "items": len(body.input) if body.input else None, "kind": "job"}
     doc = await services.jobs.submit(body, caller)
@@ -59,13 +62,13 @@ async def submit_job(body: JobRequest, request: Request, response: Response, ser
 @router.get("/v1/jobs", response_model=JobList)
 async def list_jobs(
     services: ServicesDep,
-    caller: CallerDep,
+    caller: JobsCallerDep,
     status: JobStatusName | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> JobList:
     """The caller's jobs, newest first, a page at a time, optionally of one status."""
-    docs = await services.job_store.list(caller, status=status, limit=limit + 1, before=cursor)
+    docs = await services.job_store.list(caller.owner, status=status, limit=limit + 1, before=cursor)
     page = docs[:limit]
     return JobList(
         data=[JobDocument.model_validate(public_view(d)) for d in page],
@@ -74,21 +77,21 @@ async def list_jobs(
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobDocument, responses=ERRORS)
-async def get_job(job_id: JobId, services: ServicesDep, caller: CallerDep):
+async def get_job(job_id: JobId, services: ServicesDep, caller: JobsCallerDep):
     """A job's status, progress, timings, and its error when it failed."""
-    return await services.jobs.owned(job_id, caller)
+    return await services.jobs.owned(job_id, caller.owner)
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobDocument, responses=ERRORS)
-async def cancel_job(job_id: JobId, services: ServicesDep, caller: CallerDep):
+async def cancel_job(job_id: JobId, services: ServicesDep, caller: JobsCallerDep):
     """Cancel a job: a queued one at once, a running one at its next chunk."""
-    return public_view(await services.jobs.cancel(job_id, caller))
+    return public_view(await services.jobs.cancel(job_id, caller.owner))
 
 
 @router.get("/v1/jobs/{job_id}/result", response_model=JobResultInline | JobResultObject, responses=ERRORS)
-async def get_job_result(job_id: JobId, services: ServicesDep, caller: CallerDep):
+async def get_job_result(job_id: JobId, services: ServicesDep, caller: JobsCallerDep):
     """The embeddings inline when small; otherwise a presigned URL of a JSON-lines object."""
-    doc = await services.jobs.finished(job_id, caller)
+    doc = await services.jobs.finished(job_id, caller.owner)
     result = doc["result"]
     if result["kind"] == "object":
         ref = ObjectRef.parse(result["url"])

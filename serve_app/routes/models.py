@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from serve_app.deps import EmbeddingServiceDep
+from serve_app.deps import EmbeddingServiceDep, require_infer
 from serve_app.model_contract import ModelInfo
+from serve_app.routes import AUTH_ERRORS
 from serve_app.schemas import ErrorResponse, ModelCard, ModelList
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], dependencies=[Depends(require_infer)], responses=AUTH_ERRORS)
 
 
 def _card(info: ModelInfo) -> ModelCard:

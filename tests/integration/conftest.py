@@ -3,10 +3,15 @@
 What `make up` already started is reused; what this session starts, it stops.
 """
 
+import asyncio
+import uuid
+
 import httpx
 import pytest
 
 from cluster import local
+from serve_app.admin import issue_key
+from serve_app.auth import SCOPES
 from serve_app.settings import Settings, get_settings
 
 
@@ -22,8 +27,37 @@ def cluster(settings):
     local.down(settings, only=started)
 
 
+def create_key(settings: Settings, owner: str, **options) -> str:
+    """A key for `owner` (made if missing), straight through the key store, as the admin CLI does."""
+    return asyncio.run(issue_key(settings, owner, "integration tests", **options))
+
+
 @pytest.fixture(scope="session")
-def api(settings):
-    """A client of the public door (NGINX)."""
-    with httpx.Client(base_url=settings.public_url, timeout=120) as client:
+def tenant() -> str:
+    """This test session's user: a fresh tenant, so nothing another run left behind is visible."""
+    return f"itest-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def api_key(settings, tenant) -> str:
+    """Every scope, no rate limit and no job quota: the tests of limits make their own keys."""
+    return create_key(settings, tenant, name="integration tests", scopes=SCOPES, rate_per_s=0, max_jobs=0)
+
+
+@pytest.fixture(scope="session")
+def auth_headers(api_key) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture(scope="session")
+def api(settings, auth_headers):
+    """A client of the public door (NGINX), with this session's key."""
+    with httpx.Client(base_url=settings.public_url, timeout=120, headers=auth_headers) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def anonymous(settings):
+    """A client of the public door without any credential."""
+    with httpx.Client(base_url=settings.public_url, timeout=30) as client:
         yield client

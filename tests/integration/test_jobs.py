@@ -79,12 +79,12 @@ def test_inline_job_submit_poll_and_result(api):
     )
 
 
-def test_uploaded_input_and_a_large_result_in_the_object_store(api, settings):
+def test_uploaded_input_and_a_large_result_in_the_object_store(api, settings, tenant):
     count = settings.job_inline_result_max_items + 50
     inputs = texts(count, "upload")
     lines = [json.dumps(t) if i % 2 else json.dumps({"text": t}) for i, t in enumerate(inputs)]
     ticket = upload(api, lines)
-    assert ticket["input_url"] == f"s3://{settings.job_bucket}/uploads/{ticket['upload_id']}.jsonl"
+    assert ticket["input_url"] == f"s3://{settings.job_bucket}/uploads/{tenant}/{ticket['upload_id']}.jsonl"
     job = submit(api, upload_id=ticket["upload_id"]).json()
     assert job["input"] == {"kind": "object", "url": ticket["input_url"]}
     finished = wait_for(api, job["id"])
@@ -336,7 +336,7 @@ def test_an_unreachable_callback_is_retried_then_recorded_as_failed(api, setting
     assert "Connect" in failed["callback"]["last_error"]
 
 
-def test_a_job_accepted_but_never_published_is_published_by_the_sweeper(api, settings, mongo):
+def test_a_job_accepted_but_never_published_is_published_by_the_sweeper(api, settings, mongo, tenant):
     from datetime import UTC, datetime, timedelta
 
     from serve_app.job_store import new_job_id
@@ -347,7 +347,7 @@ def test_a_job_accepted_but_never_published_is_published_by_the_sweeper(api, set
     mongo["jobs"].insert_one(
         {
             "_id": job_id,
-            "owner": "anonymous",
+            "owner": tenant,
             "model": MODEL,
             "status": "queued",
             "input": {"kind": "inline", "count": 2},

@@ -55,15 +55,16 @@ def wait_for_version(api, version: str, timeout_s: float = 180) -> None:
 class Traffic(threading.Thread):
     """Requests with fresh texts, one after another, until stopped; keeps every status."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, headers: dict[str, str]) -> None:
         super().__init__(daemon=True)
         self.base_url = base_url
+        self.headers = headers
         self.statuses: list[int] = []
         self.versions: set[str] = set()
         self.halt = threading.Event()
 
     def run(self) -> None:
-        with httpx.Client(base_url=self.base_url, timeout=60) as client:
+        with httpx.Client(base_url=self.base_url, timeout=60, headers=self.headers) as client:
             while not self.halt.is_set():
                 response = client.post(
                     "/v1/embeddings", json={"model": MODEL, "input": [f"traffic {uuid.uuid4().hex}"]}
@@ -72,14 +73,14 @@ class Traffic(threading.Thread):
                 self.versions.add(response.headers.get("X-Model-Version", "?"))
 
 
-def test_switching_version_applies_live_with_no_failed_request(api, settings, tmp_path):
+def test_switching_version_applies_live_with_no_failed_request(api, settings, tmp_path, auth_headers):
     version = f"test-{uuid.uuid4().hex[:8]}"
     weights = perturbed_copy(tmp_path / "model")
     push_model(settings, weights, MODEL, version)
     text = f"which weights answer this? {uuid.uuid4().hex}"
     expected = SentenceEncoder(weights).encode([text]).vectors[0]
 
-    traffic = Traffic(settings.public_url)
+    traffic = Traffic(settings.public_url, auth_headers)
     traffic.start()
     try:
         local.deploy(settings, config_with_version(settings, version))
@@ -107,7 +108,7 @@ def test_nginx_answers_json_when_no_serve_proxy_does(settings, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     isolated = settings.model_copy(
-        update={"state_dir": tmp_path, "nginx_port": port, "nginx_upstreams": ["127.0.0.1:9"]}
+        update={"state_dir": tmp_path, "nginx_port": port, "nginx_tls_port": None, "nginx_upstreams": ["127.0.0.1:9"]}
     )
     nginx = Nginx("nginx", isolated)
     assert nginx.ensure() == "started"

@@ -4,9 +4,12 @@ import base64
 
 import numpy as np
 import pytest
+from fastapi import Request
 from fastapi.testclient import TestClient
 
 from serve_app.api import create_app
+from serve_app.auth import Principal
+from serve_app.deps import authenticate
 from serve_app.services import Services
 from serve_app.settings import get_settings
 from tests.unit.fakes import FakeModelHandle
@@ -19,8 +22,19 @@ def handle():
     return FakeModelHandle(name="fake-model", dims=8)
 
 
+CALLER = Principal(
+    key_id="0123456789abcdef",
+    owner="tester",
+    scopes=("infer", "jobs", "admin"),
+    rate_per_s=0,
+    burst=1,
+    max_jobs=0,
+    expires_at=None,
+)
+
+
 @pytest.fixture
-def client(handle, monkeypatch):
+def app(handle, monkeypatch):
     for name, value in {
         "REDIS_URL": f"redis://{CLOSED}/0",
         "MONGO_URL": f"mongodb://{CLOSED}/?directConnection=true",
@@ -33,9 +47,28 @@ def client(handle, monkeypatch):
         monkeypatch.setenv(f"INFER_{name}", value)
     get_settings.cache_clear()
     services = Services.from_settings(get_settings(), {handle.name: handle})
-    with TestClient(create_app(services)) as test_client:
-        yield test_client
+    yield create_app(services)
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def client(app):
+    """A client whose every request is authenticated as CALLER (key lookup is tested in integration)."""
+
+    async def as_caller(request: Request) -> Principal:
+        request.state.principal = CALLER
+        return CALLER
+
+    app.dependency_overrides[authenticate] = as_caller
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def anonymous(app):
+    """A client that authenticates for real (against services that are unreachable)."""
+    with TestClient(app) as test_client:
+        yield test_client
 
 
 def embed(client, **body):

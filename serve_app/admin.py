@@ -1,0 +1,173 @@
+"""Users and API keys from the command line, straight against MongoDB (and Redis, to drop revoked keys).
+
+    python -m serve_app.admin users create alice [--description "..."]
+    python -m serve_app.admin users list
+    python -m serve_app.admin users disable alice          # and revoke all its keys
+    python -m serve_app.admin keys create alice [--scopes infer,jobs] [--name ci] [--expires-in-days 90]
+                                          [--rate 50] [--burst 100] [--max-jobs 4]
+    python -m serve_app.admin keys list [--owner alice]
+    python -m serve_app.admin keys revoke <key id>
+    python -m serve_app.admin keys rotate <key id> [--grace-s 3600]
+
+A key is printed once, when it is made. The same operations are HTTP endpoints under /v1/admin
+for keys with the `admin` scope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from serve_app.auth import SCOPES, Credential, KeyStore, digest, refusal
+from serve_app.errors import APIError
+from serve_app.history import mongo_client
+from serve_app.result_cache import GuardedRedis
+from serve_app.settings import Settings, get_settings
+
+
+@asynccontextmanager
+async def key_store(settings: Settings) -> AsyncIterator[KeyStore]:
+    redis = GuardedRedis.from_settings(settings)
+    mongo = mongo_client(settings)
+    try:
+        yield KeyStore(mongo[settings.mongo_db], redis, settings)
+    finally:
+        await redis.close()
+        await mongo.close()
+
+
+def _row(doc: dict) -> dict:
+    """A stored document for printing: dates as ISO strings, never a hash."""
+    out = {k: v for k, v in doc.items() if k != "hash"}
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in out.items()}
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret readable by its owner only (0600), replacing any older file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+async def issue_key(settings: Settings, owner: str, description: str, **options: object) -> str:
+    """A new key for `owner`, creating that user first if it does not exist (tests, the benchmark)."""
+    async with key_store(settings) as store:
+        if await store.users.find_one({"_id": owner}) is None:
+            try:
+                await store.create_user(owner, description)
+            except APIError as exc:
+                if exc.status_code != 409:  # made meanwhile by another process: fine
+                    raise
+        key, _ = await store.create_key(owner, **options)
+        return key
+
+
+async def ensure_dev_key(settings: Settings) -> tuple[str, bool]:
+    """The development key in <state_dir>/api-key: reused while it still works, else made anew.
+
+    Returns (key, made). The key has every scope and the default limits, for the user `dev_owner`.
+    """
+    path = settings.dev_key_file
+    async with key_store(settings) as store:
+        await store.ensure_indexes()
+        if path.exists():
+            key = path.read_text().strip()
+            try:
+                credential = Credential.parse(key)
+            except APIError:
+                credential = None
+            if credential is not None and refusal(await store.keys.find_one({"hash": digest(key)})) is None:
+                return key, False
+        try:
+            await store.create_user(settings.dev_owner, "the local development user (make up)")
+        except APIError as exc:
+            if exc.status_code != 409:
+                raise
+        user = await store.get_user(settings.dev_owner)
+        if user.get("disabled"):
+            await store.users.update_one({"_id": settings.dev_owner}, {"$set": {"disabled": False}})
+        key, _ = await store.create_key(settings.dev_owner, name="development key (make up)", scopes=SCOPES)
+    write_private(path, key)
+    return key, True
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> object:
+    async with key_store(settings) as store:
+        await store.ensure_indexes()
+        if args.what == "users":
+            if args.action == "create":
+                return _row(await store.create_user(args.name, args.description))
+            if args.action == "list":
+                return [_row(d) for d in await store.list_users()]
+            return _row(await store.disable_user(args.name))
+        if args.action == "create":
+            key, doc = await store.create_key(
+                args.owner,
+                name=args.name,
+                scopes=[s.strip() for s in args.scopes.split(",") if s.strip()],
+                expires_at=datetime.now(UTC) + timedelta(days=args.expires_in_days) if args.expires_in_days else None,
+                rate_per_s=args.rate,
+                burst=args.burst,
+                max_jobs=args.max_jobs,
+            )
+            return {"key": key, **_row(doc)}
+        if args.action == "list":
+            return [_row(d) for d in await store.list_keys(args.owner)]
+        if args.action == "revoke":
+            return _row(await store.revoke_key(args.key_id))
+        key, new, old = await store.rotate_key(args.key_id, args.grace_s)
+        return {"key": key, "new": _row(new), "old": _row(old)}
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="python -m serve_app.admin", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    what = root.add_subparsers(dest="what", required=True)
+    users = what.add_parser("users").add_subparsers(dest="action", required=True)
+    create = users.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--description")
+    users.add_parser("list")
+    users.add_parser("disable").add_argument("name")
+    keys = what.add_parser("keys").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create")
+    create.add_argument("owner")
+    create.add_argument("--name")
+    create.add_argument("--scopes", default="infer,jobs", help=f"comma-separated, of {', '.join(SCOPES)}")
+    create.add_argument("--expires-in-days", type=float)
+    create.add_argument("--rate", type=float, help="requests/s (0: unlimited; default: the setting)")
+    create.add_argument("--burst", type=int)
+    create.add_argument("--max-jobs", type=int, help="concurrent jobs (0: unlimited; default: the setting)")
+    keys.add_parser("list").add_argument("--owner")
+    keys.add_parser("revoke").add_argument("key_id")
+    rotate = keys.add_parser("rotate")
+    rotate.add_argument("key_id")
+    rotate.add_argument("--grace-s", type=float, default=3600.0, help="the old key works this long (0: revoke now)")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result = asyncio.run(_run(args, get_settings()))
+    except APIError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""NGINX as the one public door: TLS, redirects, security headers, its own limits, and what stays inside."""
+
+import socket
+import ssl
+from urllib.parse import urlparse
+
+import httpx
+import psutil
+import pytest
+
+from cluster.services import Nginx
+
+MODEL = "all-minilm-l6-v2"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def handshake(settings, minimum: ssl.TLSVersion, maximum: ssl.TLSVersion) -> str:
+    """The TLS version NGINX agrees to within [minimum, maximum]; raises ssl.SSLError if none."""
+    context = ssl.create_default_context(cafile=str(settings.tls_ca_file))
+    context.set_ciphers("ALL:@SECLEVEL=0")  # let the client offer old versions, so the server decides
+    context.minimum_version, context.maximum_version = minimum, maximum
+    with (
+        socket.create_connection((settings.nginx_host, settings.nginx_tls_port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        return tls.version() or ""
+
+
+def test_https_serves_the_api_with_the_local_ca(settings, auth_headers):
+    with httpx.Client(verify=str(settings.tls_ca_file), headers=auth_headers, timeout=60) as client:
+        response = client.post(f"{settings.https_url}/v1/embeddings", json={"model": MODEL, "input": "over TLS"})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"][0]["embedding"]) == 384
+    assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+def test_only_tls_1_2_and_1_3_are_spoken(settings):
+    assert handshake(settings, ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    assert handshake(settings, ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+    for old in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+        with pytest.raises(ssl.SSLError):
+            handshake(settings, old, old)
+
+
+def test_security_headers_on_api_answers_and_on_nginx_errors(api, anonymous):
+    for response in (api.get("/v1/models"), anonymous.get("/v1/models"), api.get("/-/routes")):
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+        assert "Strict-Transport-Security" not in response.headers  # plain HTTP: HSTS means nothing here
+    docs = anonymous.get("/docs")
+    assert docs.status_code == 200
+    assert "cdn.jsdelivr.net" in docs.headers["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/-/routes", "/-/healthz", "/api/serve/applications/", "/api/jobs/", "/metrics", "/dashboard/"],
+)
+def test_serve_internals_the_dashboard_and_metrics_are_not_behind_the_public_door(anonymous, path):
+    response = anonymous.get(path)
+    assert response.status_code == 404, (path, response.text[:200])
+    assert response.headers["Content-Type"].startswith("application/json")
+
+
+def test_internal_services_listen_on_loopback_only(settings):
+    """What a client on the network can reach of the local cluster: NGINX (and on loopback here)."""
+    ports = {
+        settings.nginx_port,
+        settings.nginx_tls_port,
+        settings.serve_port,
+        settings.ray_dashboard_port,
+        urlparse(settings.redis_url).port or 6379,
+        urlparse(settings.mongo_url).port or 27017,
+        urlparse(settings.rabbitmq_url).port or 5672,
+        (urlparse(settings.rabbitmq_url).port or 5672) + 20000,
+        urlparse(settings.s3_endpoint).port,
+    }
+    listening: dict[int, set[str]] = {}
+    for conn in psutil.net_connections("inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port in ports:
+            listening.setdefault(conn.laddr.port, set()).add(conn.laddr.ip)
+    assert set(listening) == ports, f"not listening: {ports - set(listening)}"
+    exposed = {
+        port: ips
+        for port, ips in listening.items()
+        if not all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for ip in ips)
+    }
+    assert not exposed, exposed
+
+
+@pytest.fixture(scope="module")
+def guarded_door(settings, tmp_path_factory):
+    """A second NGINX like production's: HTTP redirects to HTTPS, and a tiny per-address limit."""
+    door = settings.model_copy(
+        update={
+            "state_dir": tmp_path_factory.mktemp("door"),
+            "nginx_port": free_port(),
+            "nginx_tls_port": free_port(),
+            "nginx_http_redirect": True,
+            "nginx_limit_req_per_s": 1,
+            "nginx_limit_req_burst": 2,
+        }
+    )
+    nginx = Nginx("nginx", door)
+    assert nginx.ensure() == "started"
+    yield door
+    nginx.stop()
+    assert not nginx.process.running
+
+
+def test_http_redirects_to_https_where_tls_faces_the_network(guarded_door):
+    assert guarded_door.public_url == guarded_door.https_url
+    response = httpx.get(f"{guarded_door.http_url}/v1/models?x=1", follow_redirects=False)
+    assert response.status_code == 308
+    assert response.headers["Location"] == f"https://127.0.0.1:{guarded_door.nginx_tls_port}/v1/models?x=1"
+
+
+def test_nginx_limits_each_address_with_a_json_429(guarded_door, auth_headers):
+    with httpx.Client(
+        base_url=guarded_door.https_url, verify=str(guarded_door.tls_ca_file), headers=auth_headers, timeout=30
+    ) as client:
+        responses = [client.get("/v1/models") for _ in range(8)]
+    codes = [r.status_code for r in responses]
+    assert codes[0] == 200, codes
+    assert 429 in codes, codes
+    limited = next(r for r in responses if r.status_code == 429)
+    assert limited.json()["error"]["code"] == "rate_limited"
+    assert limited.headers["Retry-After"] == "1"
+    assert limited.headers["Strict-Transport-Security"].startswith("max-age=")
