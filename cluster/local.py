@@ -99,8 +99,12 @@ def up(settings: Settings | None = None) -> list[str]:
     began = time.monotonic()
     wait_ready(settings)
     _say(f"  {'api':<13} ready     {settings.public_url} ({time.monotonic() - began:.1f}s)")
-    _, made = asyncio.run(ensure_dev_key(settings))
-    _say(f"  {'api key':<13} {'created' if made else 'kept':<9} {settings.dev_key_file} (user {settings.dev_owner})")
+    key, made = asyncio.run(ensure_dev_key(settings))
+    if key is None:
+        _say(f"  {'api key':<13} none      user {settings.dev_owner} is disabled; make keys with serve_app.admin")
+    else:
+        state = "created" if made else "kept"
+        _say(f"  {'api key':<13} {state:<9} {settings.dev_key_file} (user {settings.dev_owner})")
     return started
 
 

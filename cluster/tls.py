@@ -52,8 +52,10 @@ def _still_good(path: Path, names: set[str]) -> bool:
 
 def ensure_local_certificate(settings: Settings) -> bool:
     """Make the local CA and server certificate if missing, expiring or lacking a name; True if made."""
-    if settings.nginx_tls_port is None or settings.tls_cert_file is not None:
-        return False
+    if settings.nginx_tls_port is None or settings.tls_cert_file or settings.tls_key_file:
+        if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+            raise ValueError("set both INFER_TLS_CERT_FILE and INFER_TLS_KEY_FILE, or neither")
+        return False  # the operator's certificate: never made or overwritten here
     names = {"localhost", "127.0.0.1", socket.gethostname()}
     if settings.nginx_host not in ("0.0.0.0", "::"):
         names.add(settings.nginx_host)

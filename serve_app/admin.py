@@ -73,10 +73,11 @@ async def issue_key(settings: Settings, owner: str, description: str, **options:
         return key
 
 
-async def ensure_dev_key(settings: Settings) -> tuple[str, bool]:
+async def ensure_dev_key(settings: Settings) -> tuple[str | None, bool]:
     """The development key in <state_dir>/api-key: reused while it still works, else made anew.
 
-    Returns (key, made). The key has every scope and the default limits, for the user `dev_owner`.
+    Returns (key, made); (None, False) if the user has been disabled. The key has every scope and
+    the default limits, for the user `dev_owner`.
     """
     path = settings.dev_key_file
     async with key_store(settings) as store:
@@ -94,9 +95,8 @@ async def ensure_dev_key(settings: Settings) -> tuple[str, bool]:
         except APIError as exc:
             if exc.status_code != 409:
                 raise
-        user = await store.get_user(settings.dev_owner)
-        if user.get("disabled"):
-            await store.users.update_one({"_id": settings.dev_owner}, {"$set": {"disabled": False}})
+        if (await store.get_user(settings.dev_owner)).get("disabled"):
+            return None, False  # an administrator disabled it: not undone here
         key, _ = await store.create_key(settings.dev_owner, name="development key (make up)", scopes=SCOPES)
     write_private(path, key)
     return key, True

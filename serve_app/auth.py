@@ -50,15 +50,24 @@ KEY_PREFIX = "ik"
 SESSION_PREFIX = "is"
 _CREDENTIAL = re.compile(r"^(ik|is)_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _USER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+MIN_RATE_PER_S = 0.01  # slower buckets would hold state for days
 _UNAVAILABLE = object()  # what a guarded Redis call answers when Redis is down
 
 # KEYS[1]: the cached key or session; KEYS[2]: the key's token bucket.
-# Returns nil (not cached), {"!reason"} (a cached refusal) or {principal, allowed, retry_after_s}.
+# Returns nil (not cached), {"!reason", 0} (a cached refusal), {session, -1} (the session's key
+# must be checked again: its own cached lookup has lapsed) or {principal, allowed, retry_after_s}.
+# A session holds its key's hash and lives only while that key's lookup does ('auth:<hash>' is
+# read here without being declared: fine on one Redis, not on Redis Cluster).
 _AUTHORIZE = """
 local cached = redis.call('GET', KEYS[1])
 if not cached then return nil end
 if string.sub(cached, 1, 1) == '!' then return {cached, 0, '0'} end
 local p = cjson.decode(cached)
+if p.key_sha and p.key_sha ~= cjson.null then
+  local key = redis.call('GET', 'auth:' .. p.key_sha)
+  if not key then return {cached, -1, '0'} end
+  if string.sub(key, 1, 1) == '!' then return {key, 0, '0'} end
+end
 local rate = tonumber(p.rate_per_s)
 local burst = tonumber(p.burst)
 if rate <= 0 then return {cached, 1, '0'} end
@@ -157,6 +166,7 @@ class Principal:
     max_jobs: int
     expires_at: float | None  # epoch seconds
     via: Literal["key", "session"] = "key"
+    key_sha: str | None = None  # a session's key, checked with every use of the session
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -257,6 +267,8 @@ class KeyStore:
             raise InvalidRequestError(f"scopes must be some of {', '.join(SCOPES)}; got {scopes}", param="scopes")
         if expires_at is not None and expires_at <= _now():
             raise InvalidRequestError("expires_at is in the past", param="expires_at")
+        if rate_per_s is not None and 0 < rate_per_s < MIN_RATE_PER_S:
+            raise InvalidRequestError(f"a rate is 0 (unlimited) or at least {MIN_RATE_PER_S}/s", param="rate_per_s")
         key_id = secrets.token_hex(8)
         key = new_credential(KEY_PREFIX, key_id)
         doc = {
@@ -276,6 +288,9 @@ class KeyStore:
             "max_jobs": max_jobs,
         }
         await self.keys.insert_one(doc)
+        if (await self.get_user(owner)).get("disabled"):  # disabled meanwhile: its keys must not outlive it
+            await self.revoke_key(key_id)
+            raise ConflictError(f"user {owner!r} is disabled", param="owner")
         return key, doc
 
     async def get_key(self, key_id: str) -> dict:
@@ -305,11 +320,15 @@ class KeyStore:
         old = await self.get_key(key_id)
         if old["revoked"]:
             raise ConflictError(f"key {key_id} is revoked; create a new key instead", param="key_id")
+        if refusal(old) is not None:
+            raise ConflictError(f"{refusal(old)}; create a new key instead", param="key_id")
+        expires = old.get("expires_at")
         key, new = await self.create_key(
             old["owner"],
             name=old.get("name"),
             scopes=old["scopes"],
-            expires_at=old.get("expires_at"),
+            # the same lifetime as the old key, counted from now (none if it had none)
+            expires_at=_now() + (expires - old["created_at"]) if expires else None,
             rate_per_s=old.get("rate_per_s"),
             burst=old.get("burst"),
             max_jobs=old.get("max_jobs"),
@@ -378,7 +397,7 @@ class Authenticator:
         self._authorize = redis.redis.register_script(_AUTHORIZE)
         self._admit_job = redis.redis.register_script(_ADMIT_JOB)
 
-    async def authenticate(self, raw: str | None) -> Principal:
+    async def authenticate(self, raw: str | None, *, recheck: bool = True) -> Principal:
         credential = Credential.parse(raw)
         bucket = f"rate:{credential.key_id}"
         answer = await self._run_authorize(credential.cache_key, bucket)
@@ -396,7 +415,14 @@ class Authenticator:
         cached, allowed, retry_after = answer
         cached = cached.decode() if isinstance(cached, bytes) else cached
         if cached.startswith("!"):
+            if credential.kind == "session":
+                await self.redis.run(lambda r: r.delete(credential.cache_key), None)
             raise AuthenticationError(cached[1:])
+        if allowed == -1:  # a session whose key's lookup lapsed: check the key, then try once more
+            if not recheck:
+                raise ServiceUnavailableError("the session's key could not be checked; try again shortly")
+            await self._load_key(Principal.from_json(cached).key_sha or "", credential.key_id)
+            return await self.authenticate(raw, recheck=False)
         principal = Principal.from_json(cached)
         if principal.key_id != credential.key_id:
             raise AuthenticationError("invalid API key")
@@ -412,22 +438,25 @@ class Authenticator:
         return await self.redis.run(lambda r: self._authorize(keys=[cache_key, bucket], client=r), _UNAVAILABLE)
 
     async def _load(self, credential: Credential) -> Principal:
+        return await self._load_key(credential.sha, credential.key_id)
+
+    async def _load_key(self, sha: str, key_id: str) -> Principal:
         """Read the key from MongoDB and cache the answer (a refusal too, so floods of it stay cheap)."""
         try:
-            doc = await self.keys.lookup(credential.sha)
+            doc = await self.keys.lookup(sha)
         except PyMongoError as exc:
             raise ServiceUnavailableError("the key store (MongoDB) is unavailable; try again shortly") from exc
         reason = refusal(doc)
-        if doc is not None and doc["_id"] != credential.key_id:
+        if doc is not None and doc["_id"] != key_id:
             reason = "invalid API key"
         ttl_s = self.settings.auth_cache_ttl_s
         if reason is not None:
-            await self.redis.run(lambda r: r.set(credential.cache_key, "!" + reason, px=int(ttl_s * 1000)), None)
+            await self.redis.run(lambda r: r.set(_auth_key(sha), "!" + reason, px=int(ttl_s * 1000)), None)
             raise AuthenticationError(reason)
         principal = self.keys.principal(doc)
         ttl_ms = int(principal.ttl_s(ttl_s) * 1000)
         if ttl_ms > 0:
-            await self.redis.run(lambda r: r.set(credential.cache_key, principal.to_json(), px=ttl_ms), None)
+            await self.redis.run(lambda r: r.set(_auth_key(sha), principal.to_json(), px=ttl_ms), None)
         return principal
 
     # -- sessions ------------------------------------------------------------------------------
@@ -436,9 +465,16 @@ class Authenticator:
         """A session token for this key's principal: (token, lifetime in seconds)."""
         if principal.via != "key":
             raise InvalidRequestError("log in with an API key, not with a session token")
+        try:  # the key as stored now, not as cached: a key revoked a moment ago makes no session
+            doc = await self.keys.keys.find_one({"_id": principal.key_id})
+        except PyMongoError as exc:
+            raise ServiceUnavailableError("the key store (MongoDB) is unavailable; try again shortly") from exc
+        if (reason := refusal(doc)) is not None:
+            raise AuthenticationError(reason)
+        principal = self.keys.principal(doc)
         ttl_s = principal.ttl_s(self.settings.session_ttl_s)
         token = new_credential(SESSION_PREFIX, principal.key_id)
-        session = Principal(**{**asdict(principal), "via": "session"})
+        session = Principal(**{**asdict(principal), "via": "session", "key_sha": doc["hash"]})
         sha = digest(token)
 
         async def store(redis: Redis) -> bool:
@@ -481,8 +517,10 @@ class Authenticator:
         )
         return None if answer is _UNAVAILABLE else bool(answer)
 
-    async def active_jobs(self, key_id: str) -> list[str]:
-        members = await self.redis.run(lambda r: r.zrange(active_jobs_key(key_id), 0, -1), [])
+    async def active_jobs(self, key_id: str, older_than_s: float) -> list[str]:
+        """Jobs counted against the key, admitted more than `older_than_s` ago."""
+        cutoff = time.time() - older_than_s
+        members = await self.redis.run(lambda r: r.zrangebyscore(active_jobs_key(key_id), "-inf", cutoff), [])
         return [m.decode() if isinstance(m, bytes) else m for m in members]
 
     async def release_jobs(self, key_id: str, job_ids: list[str]) -> None:

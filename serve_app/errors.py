@@ -8,6 +8,7 @@ import math
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pymongo.errors import PyMongoError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,12 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(error_body(message, type_, code=str(exc.status_code)), exc.status_code, headers=exc.headers)
 
 
+async def _mongo_error(request: Request, exc: PyMongoError) -> JSONResponse:
+    logger.warning("MongoDB error in request %s: %r", getattr(request.state, "request_id", None), exc)
+    body = error_body("MongoDB is unavailable; try again shortly", "service_unavailable", code="service_unavailable")
+    return JSONResponse(body, 503)
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
     logger.exception("unhandled error in request %s", request_id)
@@ -151,4 +158,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(PyMongoError, _mongo_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -22,6 +22,8 @@ from serve_app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+QUOTA_RECONCILE_GRACE_S = 60.0
+
 
 class JobService:
     def __init__(
@@ -101,7 +103,8 @@ class JobService:
         """
         if await self.auth.admit_job(caller, job_id) is not False:
             return
-        counted = await self.auth.active_jobs(caller.key_id)
+        # Only entries older than a grace: a younger one may be a submission still being written.
+        counted = await self.auth.active_jobs(caller.key_id, older_than_s=QUOTA_RECONCILE_GRACE_S)
         ended = set(counted) - await self.store.active_among(counted)
         if ended:
             await self.auth.release_jobs(caller.key_id, sorted(ended))

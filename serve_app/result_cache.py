@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import numpy as np
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from serve_app.settings import Settings
 
@@ -69,6 +69,9 @@ class GuardedRedis:
             return default
         try:
             return await call(self.redis)
+        except ResponseError as exc:  # Redis answered: a refused command, not an outage
+            logger.error("Redis refused a command: %s", exc)
+            return default
         except (RedisError, OSError) as exc:
             if self.available:
                 logger.warning("Redis unavailable; going without it for %.1fs: %s", self.retry_after_s, exc)

@@ -306,7 +306,9 @@ class KeyCreate(BaseModel):
     name: str | None = Field(None, max_length=100, description="A label, such as where the key is used.")
     scopes: list[ScopeName] = Field(["infer", "jobs"], min_length=1, max_length=3)
     expires_in_s: int | None = Field(None, ge=60, le=10 * 365 * 86400, description="Null: never expires.")
-    rate_limit_per_s: float | None = Field(None, ge=0, le=1e6, description="Null: the default; 0: unlimited.")
+    rate_limit_per_s: float | None = Field(
+        None, ge=0, le=1e6, description="Null: the default; 0: unlimited; else at least 0.01."
+    )
     burst: int | None = Field(None, ge=1, le=1_000_000, description="Null: the default.")
     max_concurrent_jobs: int | None = Field(None, ge=0, le=100_000, description="Null: the default; 0: unlimited.")
 

@@ -36,7 +36,14 @@ def test_https_serves_the_api_with_the_local_ca(settings, auth_headers):
         response = client.post(f"{settings.https_url}/v1/embeddings", json={"model": MODEL, "input": "over TLS"})
     assert response.status_code == 200, response.text
     assert len(response.json()["data"][0]["embedding"]) == 384
-    assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+    # No HSTS on loopback, where plain HTTP serves too: it would pin every http://localhost port.
+    assert "Strict-Transport-Security" not in response.headers
+
+
+def test_plain_http_to_the_https_port_is_a_json_400(settings):
+    response = httpx.get(f"http://{settings.nginx_host}:{settings.nginx_tls_port}/v1/models")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "https_required"
 
 
 def test_only_tls_1_2_and_1_3_are_spoken(settings):
@@ -120,6 +127,7 @@ def test_http_redirects_to_https_where_tls_faces_the_network(guarded_door):
     response = httpx.get(f"{guarded_door.http_url}/v1/models?x=1", follow_redirects=False)
     assert response.status_code == 308
     assert response.headers["Location"] == f"https://127.0.0.1:{guarded_door.nginx_tls_port}/v1/models?x=1"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_nginx_limits_each_address_with_a_json_429(guarded_door, auth_headers):

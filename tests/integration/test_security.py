@@ -263,6 +263,22 @@ def test_a_session_token_stands_in_for_its_key_until_logout(api, anonymous, rds,
     assert refused.json()["error"]["code"] == "invalid_session"
 
 
+def test_a_session_outlives_a_revocation_redis_missed_by_no_more_than_the_cache_ttl(api, anonymous, mongo, settings):
+    owner = new_user(api)
+    created = new_key(api, owner)
+    token = anonymous.post("/v1/auth/login", headers=bearer(created["key"])).json()["token"]
+    SECRETS.append(token)
+    assert embed(anonymous, bearer(token)).status_code == 200
+    mongo["api_keys"].update_one({"_id": created["id"]}, {"$set": {"revoked": True}})  # behind Redis's back
+    login = anonymous.post("/v1/auth/login", headers=bearer(created["key"]))
+    assert login.status_code == 401  # a login reads the key as stored, not as cached
+    revoked_at = time.monotonic()
+    while embed(anonymous, bearer(token)).status_code == 200:
+        assert time.monotonic() - revoked_at < settings.auth_cache_ttl_s + 2
+        time.sleep(0.5)
+    assert embed(anonymous, bearer(token)).status_code == 401
+
+
 def test_revoking_a_key_ends_its_sessions(api, anonymous):
     owner = new_user(api)
     created = new_key(api, owner)
@@ -371,7 +387,7 @@ def test_a_key_at_its_job_quota_is_429_until_a_job_ends(api, anonymous, rds):
     while anonymous.get(f"/v1/jobs/{second.json()['id']}", headers=headers).json()["status"] != "succeeded":
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    rds.zadd(active_jobs_key(created["id"]), {second.json()["id"]: time.time()})
+    rds.zadd(active_jobs_key(created["id"]), {second.json()["id"]: time.time() - 120})
     third = anonymous.post("/v1/jobs", json={"model": MODEL, "input": ["after a lost release"]}, headers=headers)
     assert third.status_code == 202, third.text
 

@@ -156,3 +156,10 @@ def test_models_lists_version_and_source(client):
 def test_docs_are_served(client):
     assert client.get("/docs").status_code == 200
     assert "/v1/embeddings" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("path", ["/v1/history", "/v1/admin/users", "/v1/admin/keys"])
+def test_mongodb_down_is_a_503_not_a_500(client, path):
+    response = client.get(path)
+    assert response.status_code == 503
+    assert response.json()["error"]["message"] == "MongoDB is unavailable; try again shortly"
