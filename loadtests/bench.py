@@ -5,7 +5,9 @@
 
 Setups: raw (model in-process, all cores), plain (FastAPI + uvicorn, model in-process), serve
 (Serve directly, every item a cache miss), full (through NGINX, misses), cached (through NGINX,
-every item a hit), jobs (the same items as one asynchronous job). The load generator is its own
+every item a hit), jobs (the same items as one asynchronous job). One experiment is not in the
+default run: fused (loadtests/fused_app.py, the gateway and the model in one deployment, reached
+like serve; `--setups serve,fused`). The load generator is its own
 process and reports the CPU it used. Writes results.json and chart.png to the results directory
 and, for a full run, the tables in docs/benchmarks.md.
 """
@@ -162,6 +164,24 @@ class Bench:
             self.measure("plain", f"http://127.0.0.1:{port}/v1/embeddings", model_metrics=False)
         finally:
             process.stop()
+
+    def fused(self) -> None:
+        """Deploy the fused experiment beside the main application, measure it, then remove it."""
+        from cluster.local import deploy
+        from cluster.services import load_serve_config
+        from loadtests.fused_app import ROUTE_PREFIX, application_config
+
+        config = load_serve_config(self.settings)
+        config["applications"].append(application_config(self.settings.default_model))
+        base = f"{self.settings.serve_url}{ROUTE_PREFIX}"
+        try:
+            deploy(self.settings, config)
+            if not wait_until(lambda: _ready(f"{base}/readyz"), 180, interval_s=1.0):
+                raise RuntimeError("the fused application did not become ready")
+            self.loadgen(f"{base}/v1/embeddings", max(self.levels), max(self.sizes), "fresh")  # warm
+            self.measure("fused", f"{base}/v1/embeddings")
+        finally:
+            deploy(self.settings)
 
     def warm_cache(self) -> None:
         texts = fixed_set(256)
@@ -333,6 +353,9 @@ class Bench:
         if "serve" in setups:
             print("serve: Serve directly, every item a cache miss", flush=True)
             self.measure("serve", f"{self.settings.serve_url}/v1/embeddings")
+        if "fused" in setups:
+            print("fused: gateway and model in one deployment (no handle hop), Serve directly, misses", flush=True)
+            self.fused()
         if "full" in setups:
             print("full: through NGINX, every item a cache miss", flush=True)
             self.measure("full", f"{self.settings.public_url}/v1/embeddings")
@@ -362,6 +385,13 @@ class Bench:
         DOC.write_text(doc[:start] + "\n" + self.markdown() + "\n" + doc[end:])
         (DOC.parent / "benchmarks.png").write_bytes((self.out / "chart.png").read_bytes())
         print(f"updated {DOC}")
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def main() -> None:

@@ -279,6 +279,25 @@ def test_a_session_outlives_a_revocation_redis_missed_by_no_more_than_the_cache_
     assert embed(anonymous, bearer(token)).status_code == 401
 
 
+def test_a_session_expires_no_later_than_its_key(settings, api, anonymous):
+    owner = new_user(api)
+    key = create_key(settings, owner, expires_at=datetime.now(UTC) + timedelta(seconds=3))
+    session = anonymous.post("/v1/auth/login", headers=bearer(key)).json()
+    SECRETS.append(session["token"])
+    assert session["expires_in_s"] <= 3
+    assert embed(anonymous, bearer(session["token"])).status_code == 200
+    time.sleep(3.5)
+    assert embed(anonymous, bearer(session["token"])).status_code == 401
+
+
+def test_make_up_wrote_a_private_working_development_key(settings, anonymous):
+    path = settings.dev_key_file
+    assert path.stat().st_mode & 0o777 == 0o600
+    me = anonymous.get("/v1/auth/whoami", headers=bearer(path.read_text().strip()))
+    assert me.status_code == 200
+    assert (me.json()["owner"], me.json()["scopes"]) == (settings.dev_owner, ["infer", "jobs", "admin"])
+
+
 def test_revoking_a_key_ends_its_sessions(api, anonymous):
     owner = new_user(api)
     created = new_key(api, owner)
