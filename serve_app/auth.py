@@ -318,10 +318,8 @@ class KeyStore:
     async def rotate_key(self, key_id: str, grace_s: float) -> tuple[str, dict, dict]:
         """A new key like this one; the old one expires after `grace_s` (0: revoked now)."""
         old = await self.get_key(key_id)
-        if old["revoked"]:
-            raise ConflictError(f"key {key_id} is revoked; create a new key instead", param="key_id")
-        if refusal(old) is not None:
-            raise ConflictError(f"{refusal(old)}; create a new key instead", param="key_id")
+        if (reason := refusal(old)) is not None:
+            raise ConflictError(f"{reason}; create a new key instead", param="key_id")
         expires = old.get("expires_at")
         key, new = await self.create_key(
             old["owner"],
