@@ -9,7 +9,6 @@ INFER_TLS_KEY_FILE); then nothing is made here.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,17 +18,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from serve_app.admin import write_private
 from serve_app.settings import Settings
 
 VALID_DAYS = 365
 RENEW_BEFORE = timedelta(days=30)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -103,7 +96,7 @@ def ensure_local_certificate(settings: Settings) -> bool:
         .sign(ca_key, hashes.SHA256())
     )
 
-    _write_private(settings.tls_private_key, _key_pem(server_key))
+    write_private(settings.tls_private_key, _key_pem(server_key))
     settings.tls_certificate.write_bytes(server.public_bytes(serialization.Encoding.PEM))
     settings.tls_ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     # The CA's key is not kept: nothing else is ever signed with it.

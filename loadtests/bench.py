@@ -168,7 +168,7 @@ class Bench:
     def fused(self) -> None:
         """Deploy the fused experiment beside the main application, measure it, then remove it."""
         from cluster.local import deploy
-        from cluster.services import load_serve_config
+        from cluster.services import http_ok, load_serve_config
         from loadtests.fused_app import ROUTE_PREFIX, application_config
 
         config = load_serve_config(self.settings)
@@ -176,7 +176,7 @@ class Bench:
         base = f"{self.settings.serve_url}{ROUTE_PREFIX}"
         try:
             deploy(self.settings, config)
-            if not wait_until(lambda: _ready(f"{base}/readyz"), 180, interval_s=1.0):
+            if not wait_until(lambda: http_ok(f"{base}/readyz", timeout_s=5), 180, interval_s=1.0):
                 raise RuntimeError("the fused application did not become ready")
             self.loadgen(f"{base}/v1/embeddings", max(self.levels), max(self.sizes), "fresh")  # warm
             self.measure("fused", f"{base}/v1/embeddings")
@@ -385,13 +385,6 @@ class Bench:
         DOC.write_text(doc[:start] + "\n" + self.markdown() + "\n" + doc[end:])
         (DOC.parent / "benchmarks.png").write_bytes((self.out / "chart.png").read_bytes())
         print(f"updated {DOC}")
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def main() -> None:

@@ -49,13 +49,13 @@ def _row(doc: dict) -> dict:
     return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in out.items()}
 
 
-def write_private(path: Path, text: str) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write a secret readable by its owner only (0600), replacing any older file atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
 
@@ -98,7 +98,7 @@ async def ensure_dev_key(settings: Settings) -> tuple[str | None, bool]:
         if (await store.get_user(settings.dev_owner)).get("disabled"):
             return None, False  # an administrator disabled it: not undone here
         key, _ = await store.create_key(settings.dev_owner, name="development key (make up)", scopes=SCOPES)
-    write_private(path, key)
+    write_private(path, f"{key}\n".encode())
     return key, True
 
 
