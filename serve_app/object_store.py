@@ -8,18 +8,20 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlparse
 
 import numpy as np
 import urllib3
 from minio import Minio
+from minio.datatypes import PostPolicy
 from minio.error import S3Error
 
 from serve_app.settings import Settings
 from serve_app.texts import text_problem
 
 UPLOAD_CONTENT_TYPE = "application/x-ndjson"
+UPLOAD_FILE_FIELD = "file"  # the form field that carries the file; it must come last
 
 
 def object_store_client(settings: Settings, timeout_s: float | None = None, *, endpoint: str | None = None) -> Minio:
@@ -33,7 +35,7 @@ def object_store_client(settings: Settings, timeout_s: float | None = None, *, e
     return Minio(
         url.netloc,
         access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key,
+        secret_key=settings.s3_secret_key.get_secret_value(),
         secure=url.scheme == "https",
         region=settings.s3_region,
         http_client=http_client,
@@ -61,6 +63,16 @@ class ObjectRef:
         return cls(parsed.netloc, parsed.path.lstrip("/"))
 
 
+@dataclass(frozen=True)
+class UploadForm:
+    """How to upload one input: a POST form (the fields, then the file) whose policy the store enforces."""
+
+    ref: ObjectRef
+    url: str
+    fields: dict[str, str]
+    max_bytes: int
+
+
 class JobObjects:
     """Uploads (job inputs) and large job results in the jobs bucket, with presigned URLs."""
 
@@ -69,7 +81,8 @@ class JobObjects:
         self.bucket = settings.job_bucket
         self.client = object_store_client(settings)
         # Presigning is computed locally; URLs name the endpoint clients can reach.
-        self.presigner = object_store_client(settings, endpoint=settings.s3_public_endpoint or settings.s3_endpoint)
+        self.public_endpoint = (settings.s3_public_endpoint or settings.s3_endpoint).rstrip("/")
+        self.presigner = object_store_client(settings, endpoint=self.public_endpoint)
         self.expiry = timedelta(seconds=settings.job_presign_expiry_s)
         self._bucket_ready = False
 
@@ -91,23 +104,40 @@ class JobObjects:
     def upload_ref(self, owner: str, upload_id: str) -> ObjectRef:
         return ObjectRef(self.bucket, f"{self.uploads_prefix(owner)}{upload_id}.jsonl")
 
-    def new_upload(self, owner: str) -> tuple[ObjectRef, str]:
-        """A fresh key for a JSON-lines file of texts, and a presigned PUT URL for it."""
+    def new_upload(self, owner: str) -> UploadForm:
+        """A fresh key for a JSON-lines file of texts, and a signed POST policy to upload it.
+
+        The policy names that one key, the content type and 1 to job_max_input_bytes bytes, and it
+        expires with the other presigned URLs; the object store refuses any upload outside it (a
+        presigned PUT could not bound the size).
+        """
         self.ensure_bucket()
         ref = self.upload_ref(owner, uuid.uuid4().hex)
-        return ref, self.presigner.presigned_put_object(ref.bucket, ref.key, expires=self.expiry)
+        policy = PostPolicy(ref.bucket, datetime.now(UTC) + self.expiry)
+        policy.add_equals_condition("key", ref.key)
+        policy.add_equals_condition("Content-Type", UPLOAD_CONTENT_TYPE)
+        policy.add_content_length_range_condition(1, self.settings.job_max_input_bytes)
+        signed = self.presigner.presigned_post_policy(policy)
+        return UploadForm(
+            ref=ref,
+            url=f"{self.public_endpoint}/{ref.bucket}",
+            fields={"key": ref.key, "Content-Type": UPLOAD_CONTENT_TYPE, **signed},
+            max_bytes=self.settings.job_max_input_bytes,
+        )
 
     def check_input(self, ref: ObjectRef) -> int:
-        """The size of an input object; InputError if it is not one a job may read."""
+        """The size of an input object; InputError if it is not one a job may read.
+
+        The upload policy already bounds the size; this is the second line of defence (an input_url
+        written some other way, a store that ignores policies).
+        """
         if ref.bucket != self.bucket:
             raise InputError(f"jobs read inputs from s3://{self.bucket}/ only, not {ref.url}")
         try:
             size = self.client.stat_object(ref.bucket, ref.key).size or 0
         except S3Error as exc:
             if exc.code in {"NoSuchKey", "NoSuchBucket", "NoSuchObject"}:
-                raise InputError(
-                    f"{ref.url} does not exist; upload it first (PUT to the URL from /v1/uploads)"
-                ) from exc
+                raise InputError(f"{ref.url} does not exist; upload it first (POST the form from /v1/uploads)") from exc
             raise
         if size == 0:
             raise InputError(f"{ref.url} is empty")
