@@ -5,7 +5,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := redis-server rabbitmq-server nginx libcurl4 libssl3 python3-venv
-export RAY_AUTH_MODE ?= disabled
 
 .PHONY: help install up down status deploy test test-unit lint clean loadtest bench
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from cluster.processes import wait_until
+from cluster.secrets import prepared_settings, ray_token_file
 from cluster.seed import seed_default_model
 from cluster.services import VENV_BIN, Ray, ServiceError, all_services, load_serve_config, ray_env
 from serve_app.admin import ensure_dev_key
@@ -152,8 +153,10 @@ def banner(settings: Settings) -> str:
 The cluster is up.
   API            {settings.public_url}   (NGINX -> Serve proxy {settings.serve_url}){https}
   API docs       {settings.public_url}/docs
-  Ray dashboard  {settings.dashboard_url}   (loopback only; not through NGINX)
+  Ray dashboard  {settings.dashboard_url}   (loopback only; it asks for Ray's token, below)
   API key        {settings.dev_key_file}   (user {settings.dev_owner}; scopes infer, jobs, admin)
+  Ray token      {ray_token_file(settings)}   (ray/serve CLI: see below)
+  Store secrets  {settings.secrets_dir}/   (0600; read by the cluster's settings)
   State and logs {settings.state_dir}
 
 Try it:
@@ -162,6 +165,10 @@ Try it:
     -H 'Content-Type: application/json' \\
     -d '{body}'
 
+The ray and serve commands in a shell of yours:
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={ray_token_file(settings)}
+  .venv/bin/serve status --address {settings.dashboard_url}
+
 More keys and users: python -m serve_app.admin --help (or /v1/admin/* with this key).
 Stop it with `make down`; see each component with `make status`.
 """
@@ -169,7 +176,7 @@ Stop it with `make down`; see each component with `make status`.
 
 def main(argv: list[str] | None = None) -> int:
     command = (argv or sys.argv[1:] or ["status"])[0]
-    settings = get_settings()
+    settings = prepared_settings()
     try:
         if command == "up":
             _say(f"Bringing the cluster up (state in {settings.state_dir}):")

@@ -51,7 +51,9 @@ class ManagedProcess:
         """Start argv detached from this process (its own session, so it outlives us)."""
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as log:
+        fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "ab") as log:
             proc = subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,
@@ -60,6 +62,7 @@ class ManagedProcess:
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
                 start_new_session=True,
+                umask=0o077,  # its logs, data and sockets are for this user alone
             )
         self.pid_file.write_text(_identity(proc.pid) or str(proc.pid))
         return proc.pid

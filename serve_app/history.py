@@ -41,6 +41,7 @@ def mongo_client(settings: Settings) -> AsyncMongoClient:
         serverSelectionTimeoutMS=timeout_ms,
         connectTimeoutMS=timeout_ms,
         tz_aware=True,
+        **settings.mongo_options(),
     )
 
 

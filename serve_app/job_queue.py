@@ -41,6 +41,8 @@ class PublishError(RuntimeError):
 
 def connection_parameters(settings: Settings) -> pika.URLParameters:
     params = pika.URLParameters(settings.rabbitmq_url)
+    if (credentials := settings.rabbitmq_credentials()) is not None:
+        params.credentials = pika.PlainCredentials(*credentials)
     params.socket_timeout = 5
     params.blocked_connection_timeout = 10
     params.connection_attempts = 1

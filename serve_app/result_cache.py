@@ -57,6 +57,7 @@ class GuardedRedis:
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
             health_check_interval=30,
+            **settings.redis_options(),
         )
         return cls(redis, settings.redis_retry_after_s)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-from pydantic import Field, computed_field
+from pydantic import Field, SecretStr, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,7 @@ class Settings(BaseSettings):
     serve_host: str = "127.0.0.1"
     serve_port: int = 8000
     ray_gcs_port: int = 6380
+    ray_node_ip: str = Field("127.0.0.1", description="The head node's address; loopback keeps Ray on this machine.")
     ray_dashboard_host: str = "127.0.0.1"
     ray_dashboard_port: int = 8265
     ray_num_cpus: int | None = None
@@ -39,22 +41,30 @@ class Settings(BaseSettings):
     readiness_cache_s: float = Field(1.0, description="Probes of /readyz share one set of checks this long.")
     ready_timeout_s: float = 300.0
 
-    # Stateful services.
+    # Stateful services. Credentials come from the environment or, locally, from files the bring-up
+    # writes into <state_dir>/secrets/ (one per variable, named like it in lower case, mode 0600).
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: SecretStr | None = None
     redis_timeout_s: float = 0.5
     redis_retry_after_s: float = Field(2.0, description="After a Redis error, skip Redis this long.")
     cache_ttl_s: int = 24 * 3600
     mongo_url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
     mongo_db: str = "inference"
+    mongo_username: str = "infer"
+    mongo_password: SecretStr | None = None
+    mongo_auth_source: str = "admin"
     mongo_timeout_s: float = 2.0
     history_ttl_days: int = 30
     history_flush_interval_s: float = 0.5
     history_batch_size: int = 500
     history_buffer_size: int = 50_000
-    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    rabbitmq_url: str = Field("amqp://127.0.0.1:5672/infer", description="Host, port and vhost (the path).")
+    rabbitmq_username: str = "infer"
+    rabbitmq_password: SecretStr | None = None
+    rabbitmq_epmd_port: int = Field(4370, description="The local RabbitMQ's own epmd (Erlang port mapper).")
     s3_endpoint: str = "http://127.0.0.1:9000"
     s3_access_key: str = "minioadmin"
-    s3_secret_key: str = "minioadmin"
+    s3_secret_key: SecretStr = SecretStr("minioadmin")
     s3_region: str = "us-east-1"
     s3_public_endpoint: str | None = Field(
         None, description="Endpoint put in presigned URLs given to clients; default: s3_endpoint."
@@ -93,6 +103,13 @@ class Settings(BaseSettings):
     callback_timeout_s: float = 10.0
     callback_max_attempts: int = 4
     callback_retry_delay_s: float = 0.5
+    callback_allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs callbacks may go to besides public addresses (local development, tests); default none.",
+    )
+    callback_concurrency: int = Field(32, description="Callback deliveries in flight per job-worker replica.")
+    callback_per_destination: int = Field(4, description="Of those, to one host:port.")
+    callback_per_tenant: int = Field(8, description="Of those, for one tenant.")
 
     # Authentication and per-key limits (a key's own limits, when set, win over these defaults).
     auth_cache_ttl_s: float = Field(
@@ -103,6 +120,30 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(200, description="Token bucket size: requests a key may send at once.")
     max_concurrent_jobs: int = Field(8, description="Queued plus running jobs per key; 0: unlimited.")
     job_quota_retry_after_s: float = Field(5.0, description="Retry-After of a 429 for a full job quota.")
+    auth_fallback_ttl_s: float = Field(
+        600.0,
+        description="MongoDB down: a key's last good lookup (kept in Redis) still admits it this long, "
+        "never past its expiry; 0: off.",
+    )
+    token_rate_per_s: float = Field(
+        2000.0,
+        description="Work budget per key: estimated model tokens per second of cache misses (token bucket); "
+        "0: unlimited.",
+    )
+    token_burst: int = Field(
+        65_536,
+        description="Work bucket size: one maximum request (256 texts x 256 tokens). A request costing more "
+        "than the bucket is admitted when it is full.",
+    )
+    max_inflight_tokens: int = Field(
+        512, description="Estimated tokens a key may have at the model at once, across gateways; 0: unlimited."
+    )
+    model_call_max_tokens: int = Field(
+        512, description="A metered request's cache misses go to the model in calls of at most this many tokens."
+    )
+    inflight_wait_s: float = Field(
+        10.0, description="How long a request waits for its key's in-flight allowance before a 429."
+    )
     dev_owner: str = Field("dev", description="The user `make up` creates its development key for.")
 
     # TLS and NGINX's outer shield (per client address, before any key is looked at).
@@ -208,7 +249,38 @@ class Settings(BaseSettings):
     def job_retry_queue(self) -> str:
         return f"{self.job_queue}.retry"
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / "secrets"
+
+    def redis_options(self) -> dict[str, Any]:
+        """Keyword arguments for a redis client (the URL gives host, port and database)."""
+        return {"password": self.redis_password.get_secret_value()} if self.redis_password else {}
+
+    def mongo_options(self) -> dict[str, Any]:
+        """Keyword arguments for a pymongo client (the URL gives the hosts and options)."""
+        if self.mongo_password is None:
+            return {}
+        return {
+            "username": self.mongo_username,
+            "password": self.mongo_password.get_secret_value(),
+            "authSource": self.mongo_auth_source,
+        }
+
+    def rabbitmq_credentials(self) -> tuple[str, str] | None:
+        """(user, password) for RabbitMQ, when set apart from the URL."""
+        if self.rabbitmq_password is None:
+            return None
+        return self.rabbitmq_username, self.rabbitmq_password.get_secret_value()
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, then from the files under <state_dir>/secrets/ where they exist."""
+    secrets = Settings().secrets_dir
+    return Settings(_secrets_dir=secrets) if secrets.is_dir() else Settings()
+
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings()

@@ -10,14 +10,15 @@ import httpx
 import pytest
 
 from cluster import local
+from cluster.secrets import prepared_settings
 from serve_app.admin import issue_key
 from serve_app.auth import SCOPES
-from serve_app.settings import Settings, get_settings
+from serve_app.settings import Settings
 
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
-    return get_settings()
+    return prepared_settings()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,8 +41,17 @@ def tenant() -> str:
 
 @pytest.fixture(scope="session")
 def api_key(settings, tenant) -> str:
-    """Every scope, no rate limit and no job quota: the tests of limits make their own keys."""
-    return create_key(settings, tenant, name="integration tests", scopes=SCOPES, rate_per_s=0, max_jobs=0)
+    """Every scope, no limit on requests, work or jobs: the tests of limits make their own keys."""
+    return create_key(
+        settings,
+        tenant,
+        name="integration tests",
+        scopes=SCOPES,
+        rate_per_s=0,
+        max_jobs=0,
+        token_rate_per_s=0,
+        max_inflight_tokens=0,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pymongo import MongoClient
 
+from cluster.secrets import ray_auth_headers
 from cluster.services import VENV_BIN, Redis, ray_env
 from serve_app.model_repository import VERIFIED_MARKER, ModelRepository, sha256_of
 
@@ -78,7 +79,7 @@ def test_ten_texts_of_which_seven_were_seen_compute_three(api, settings):
 
 
 def wait_for_history(settings, request_id: str, timeout_s: float = 15) -> dict:
-    with MongoClient(settings.mongo_url) as client:
+    with MongoClient(settings.mongo_url, **settings.mongo_options()) as client:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             record = client[settings.mongo_db]["requests"].find_one({"request_id": request_id})
@@ -241,7 +242,9 @@ def test_serve_cli_shows_the_application_running(settings):
 def test_ray_dashboard_shows_the_deployments(settings):
     import httpx
 
-    applications = httpx.get(f"{settings.dashboard_url}/api/serve/applications/", timeout=30).json()["applications"]
+    applications = httpx.get(
+        f"{settings.dashboard_url}/api/serve/applications/", headers=ray_auth_headers(settings), timeout=30
+    ).json()["applications"]
     app = applications[settings.serve_app_name]
     assert app["status"] == "RUNNING"
     for name in ("Gateway", "EmbeddingModel"):

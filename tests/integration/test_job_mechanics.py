@@ -71,7 +71,7 @@ def test_published_messages_are_persistent_and_confirmed(queue_settings):
 def test_publishing_to_a_broker_that_is_down_raises(queue_settings):
     from serve_app.job_queue import PublishError
 
-    down = queue_settings.model_copy(update={"rabbitmq_url": "amqp://guest:guest@127.0.0.1:9/%2F"})
+    down = queue_settings.model_copy(update={"rabbitmq_url": "amqp://127.0.0.1:9/infer"})
 
     async def publish():
         publisher = JobPublisher(down)

@@ -10,6 +10,7 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 
 from cluster import local
+from cluster.secrets import ray_auth_headers
 from cluster.seed import default_model_dir, push_model
 from cluster.services import Nginx, load_serve_config
 from deployments.encoder import SentenceEncoder
@@ -38,7 +39,9 @@ def config_with_version(settings, version: str) -> dict:
 
 
 def running_model_replicas(settings) -> int:
-    applications = httpx.get(f"{settings.dashboard_url}/api/serve/applications/", timeout=30).json()["applications"]
+    applications = httpx.get(
+        f"{settings.dashboard_url}/api/serve/applications/", headers=ray_auth_headers(settings), timeout=30
+    ).json()["applications"]
     replicas = applications[settings.serve_app_name]["deployments"]["EmbeddingModel"]["replicas"]
     return sum(1 for r in replicas if r["state"] == "RUNNING")
 

@@ -1,13 +1,23 @@
 """NGINX as the one public door: TLS, redirects, security headers, its own limits, and what stays inside."""
 
+import json
+import os
+import random
+import signal
 import socket
 import ssl
+import string
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
 import httpx
 import psutil
 import pytest
 
+from cluster.processes import wait_until
+from cluster.secrets import ray_auth_headers
 from cluster.services import Nginx
 
 MODEL = "all-minilm-l6-v2"
@@ -142,3 +152,54 @@ def test_nginx_limits_each_address_with_a_json_429(guarded_door, auth_headers):
     assert limited.json()["error"]["code"] == "rate_limited"
     assert limited.headers["Retry-After"] == "1"
     assert limited.headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+def raw_exchange(settings, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are to NGINX's HTTP port; (status, headers, body) of the answer."""
+    with socket.create_connection((settings.nginx_host, settings.nginx_port), timeout=10) as conn:
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+def test_an_unsupported_transfer_encoding_is_a_json_400(settings):
+    status, headers, body = raw_exchange(
+        settings,
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n",
+    )
+    assert status == 400, (status, body[:200])
+    assert headers["content-type"].startswith("application/json")
+    assert "Transfer-Encoding" in json.loads(body)["error"]["message"]
+
+
+def serve_replicas(settings, deployment: str) -> list[dict]:
+    applications = httpx.get(
+        f"{settings.dashboard_url}/api/serve/applications/", headers=ray_auth_headers(settings), timeout=30
+    ).json()["applications"]
+    return applications[settings.serve_app_name]["deployments"][deployment]["replicas"]
+
+
+def test_a_request_whose_gateway_replica_dies_gets_a_json_error(settings, api):
+    """Serve's proxy answers such a request with a text/plain 500; NGINX gives the API's JSON shape."""
+    (gateway,) = [r for r in serve_replicas(settings, "Gateway") if r["state"] == "RUNNING"]
+    words = "".join(random.choices(string.ascii_lowercase + " ", k=8000))
+    texts = [f"{i} {uuid.uuid4().hex} {words}" for i in range(256)]  # seconds of model work
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(api.post, "/v1/embeddings", json={"model": MODEL, "input": texts})
+        time.sleep(1.5)
+        assert not pending.done(), "the request ended before the replica could be stopped"
+        os.kill(gateway["pid"], signal.SIGKILL)
+        response = pending.result(timeout=120)
+    try:
+        assert response.status_code >= 500, response.text[:300]
+        assert response.headers["content-type"].startswith("application/json"), response.text[:300]
+        assert response.json()["error"]["message"]
+    finally:  # whatever happened, the next test finds a serving cluster
+        assert wait_until(
+            lambda: api.post("/v1/embeddings", json={"model": MODEL, "input": "back"}).status_code == 200, 180, 1.0
+        ), "the gateway did not come back"

@@ -30,7 +30,7 @@ def test_cache_stores_with_ttl_and_reads_back(settings):
     restored, tokens = unpack(blob)
     np.testing.assert_array_equal(restored, np.arange(384, dtype=np.float32))
     assert tokens == 5
-    ttl = Redis.from_url(settings.redis_url).ttl(key)
+    ttl = Redis.from_url(settings.redis_url, **settings.redis_options()).ttl(key)
     assert 0 < ttl <= settings.cache_ttl_s
 
 
