@@ -2,7 +2,9 @@
 
 Each replica runs a consumer thread (bounded prefetch, manual ack). A delivered job is run by
 calling `run_job` through this deployment's own handle: Serve balances jobs over the replicas
-and counts them as ongoing requests, which is what its autoscaler scales on.
+and counts them as ongoing requests, which is what its autoscaler scales on. Each replica also
+delivers ended jobs' callbacks, concurrently and within per-destination and per-tenant bounds
+(deployments/callbacks.py), through serve_app/outbound.py.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ import asyncio
 import contextlib
 import logging
 
-import httpx
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.callbacks import CallbackDispatcher, SecretCache
 from deployments.job_runner import JobRunner, Settlement
+from serve_app.auth import KeyStore
 from serve_app.embedding_service import EmbeddingService
 from serve_app.history import mongo_client
 from serve_app.job_queue import Disposition, JobConsumer, JobPublisher
-from serve_app.job_store import JobStore, public_view
+from serve_app.job_store import JobStore
 from serve_app.object_store import JobObjects
+from serve_app.outbound import Outbound
 from serve_app.result_cache import GuardedRedis
 from serve_app.settings import get_settings
 
@@ -46,12 +50,14 @@ class JobWorker:
         self.dispatch: DeploymentHandle = serve.get_deployment_handle(context.deployment, context.app_name).options(
             method_name="run_job"
         )
-        self.http = httpx.AsyncClient(timeout=settings.callback_timeout_s)
+        self.outbound = Outbound.from_settings(settings)
+        keys = KeyStore(self.mongo[settings.mongo_db], self.redis, settings)
+        self.callbacks = CallbackDispatcher(settings, self.store, SecretCache(keys.callback_secret), self.outbound)
         self.consumer = JobConsumer(settings, self._on_delivery)
         self.consumer.start()
         self.tasks = [
             self.loop.create_task(self._sweep_unpublished(), name="sweep-unpublished"),
-            self.loop.create_task(self._deliver_callbacks(), name="deliver-callbacks"),
+            self.loop.create_task(self.callbacks.run(), name="deliver-callbacks"),
         ]
         with contextlib.suppress(Exception):
             await self.store.ensure_indexes()
@@ -100,44 +106,15 @@ class JobWorker:
             except Exception as exc:  # a sweep that fails is tried again at the next interval
                 logger.warning("sweep of unpublished jobs failed: %r", exc)
 
-    async def _deliver_callbacks(self) -> None:
-        """POST each ended job's document to its callback URL, with bounded retries and backoff."""
-        while True:
-            try:
-                job = await self.store.claim_due_callback(lease_s=self.settings.callback_timeout_s * 2)
-                if job is None:
-                    await asyncio.sleep(0.5)
-                    continue
-                await self._deliver_callback(job)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the loop outlives any one failure
-                logger.warning("callback delivery failed: %r", exc)
-                await asyncio.sleep(1.0)
-
-    async def _deliver_callback(self, job: dict) -> None:
-        settings, callback = self.settings, job["callback"]
-        error = None
-        try:
-            response = await self.http.post(callback["url"], json=public_view(job))
-            if response.status_code >= 300:
-                error = f"HTTP {response.status_code}"
-        except Exception as exc:  # any failure to deliver is this attempt's error, recorded on the job
-            error = f"{type(exc).__name__}: {exc}"
-        attempts = callback.get("attempts", 0) + 1
-        retry_in = None
-        if error and attempts < settings.callback_max_attempts:
-            retry_in = settings.callback_retry_delay_s * 2 ** (attempts - 1)
-        await self.store.record_callback(job["_id"], delivered=error is None, error=error, retry_in_s=retry_in)
-
     async def __del__(self) -> None:
         # Stop taking messages first; what this replica holds unacknowledged is redelivered.
         await asyncio.to_thread(self.consumer.stop)
         for task in self.tasks:
             task.cancel()
         for close in (
+            self.callbacks.close,
             lambda: asyncio.to_thread(self.publisher.close),
-            self.http.aclose,
+            self.outbound.aclose,
             self.mongo.close,
             self.redis.close,
         ):

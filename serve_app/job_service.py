@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+
+from fastapi.exceptions import RequestValidationError
 
 from serve_app.auth import Authenticator, Principal
 from serve_app.embedding_service import EmbeddingService
@@ -17,6 +20,7 @@ from serve_app.errors import (
 from serve_app.job_queue import JobPublisher, PublishError
 from serve_app.job_store import TERMINAL, JobStatus, JobStore, new_job_id, now, public_view
 from serve_app.object_store import InputError, JobObjects, ObjectRef
+from serve_app.outbound import Outbound, Refused
 from serve_app.schemas import JobRequest
 from serve_app.settings import Settings
 
@@ -34,6 +38,7 @@ class JobService:
         objects: JobObjects,
         embeddings: EmbeddingService,
         auth: Authenticator,
+        outbound: Outbound | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -41,10 +46,35 @@ class JobService:
         self.objects = objects
         self.embeddings = embeddings
         self.auth = auth
+        self.outbound = outbound or Outbound.from_settings(settings)
 
-    async def submit(self, request: JobRequest, caller: Principal) -> dict:
-        """The job document once it is stored and its message confirmed by RabbitMQ."""
+    async def check_callback_url(self, url: str) -> str:
+        """Refuse (422) a callback URL whose host resolves to an address callbacks may not go to.
+
+        Returns its destination (host:port). The worker checks it again at each delivery.
+        """
+        try:
+            target = await self.outbound.check(url)
+        except Refused as exc:
+            if exc.transient:
+                raise ServiceUnavailableError(f"callback_url: {exc.reason}; try again shortly") from exc
+            raise RequestValidationError(
+                [{"type": "value_error", "loc": ("body", "callback_url"), "msg": exc.reason, "input": url}]
+            ) from exc
+        return target.destination
+
+    async def submit(self, request: JobRequest, caller: Principal) -> tuple[dict, str | None]:
+        """(the job document once it is stored and its message confirmed by RabbitMQ, the tenant's
+        callback secret when this submission made it, else None)."""
         self.embeddings.model(request.model)  # an unknown model is refused here, not by a worker
+        callback = None
+        if request.callback_url:
+            callback = {
+                "url": request.callback_url,
+                "destination": await self.check_callback_url(request.callback_url),
+                "status": "waiting",
+                "attempts": 0,
+            }
         if request.input is not None:
             source = {"kind": "inline", "count": len(request.input)}
         else:
@@ -72,19 +102,23 @@ class JobService:
             "published_at": None,
             "error": None,
             "result": None,
-            "callback": {"url": request.callback_url, "status": "waiting", "attempts": 0}
-            if request.callback_url
-            else None,
+            "callback": callback,
         }
+        made_secret = None
         try:
+            if callback is not None:  # every callback is signed: a tenant's first one makes its secret
+                secret, made = await self.auth.keys.ensure_callback_secret(caller.owner)
+                made_secret = secret if made else None
             await self.store.create(doc, request.input)
         except BaseException:
             await self.auth.release_jobs(caller.key_id, [job_id])
+            await self._take_back(caller.owner, made_secret)
             raise
         try:
             await self.publisher.publish(job_id)
         except PublishError as exc:
             logger.error("job %s not queued: %s", job_id, exc)
+            await self._take_back(caller.owner, made_secret)
             await self.store.finish(
                 job_id, JobStatus.FAILED, error={"type": "not_queued", "message": f"the job queue refused it: {exc}"}
             )
@@ -93,7 +127,13 @@ class JobService:
             await self.store.mark_published(job_id)
         except Exception as exc:  # confirmed by RabbitMQ: accepted; the sweeper skips it only sooner
             logger.warning("job %s published but not marked so: %r", job_id, exc)
-        return doc
+        return doc, made_secret
+
+    async def _take_back(self, owner: str, made_secret: str | None) -> None:
+        """A secret made for a submission that fails is never shown: unmake it, so the next one shows it."""
+        if made_secret is not None:
+            with contextlib.suppress(Exception):
+                await self.auth.keys.forget_callback_secret(owner, made_secret)
 
     async def _admit(self, caller: Principal, job_id: str) -> None:
         """Count the job against its key's concurrent-job quota, or refuse it with a 429.

@@ -325,14 +325,37 @@ class JobStore:
 
     # -- callbacks ----------------------------------------------------------------------------
 
-    async def claim_due_callback(self, lease_s: float) -> dict | None:
-        """Take one job whose callback is due, leasing it so no other worker takes it meanwhile."""
+    async def claim_due_callback(
+        self,
+        lease_s: float,
+        *,
+        skip_destinations: list[str] | tuple[str, ...] = (),
+        skip_owners: list[str] | tuple[str, ...] = (),
+    ) -> dict | None:
+        """Take the longest-due callback, leasing it so no other worker takes it meanwhile.
+
+        Callbacks to a destination (host:port) or of an owner in the skip lists (at their bound
+        in this worker) are left where they are: due, for this worker later or another now.
+        """
         current = now()
+        query: dict[str, Any] = {"callback.status": "pending", "callback.next_attempt_at": {"$lte": current}}
+        if skip_destinations:
+            query["callback.destination"] = {"$nin": list(skip_destinations)}
+        if skip_owners:
+            query["owner"] = {"$nin": list(skip_owners)}
         return await self.jobs.find_one_and_update(
-            {"callback.status": "pending", "callback.next_attempt_at": {"$lte": current}},
+            query,
             {"$set": {"callback.next_attempt_at": current + timedelta(seconds=lease_s)}},
+            sort=[("callback.next_attempt_at", ASCENDING)],
             return_document=ReturnDocument.AFTER,
         )
+
+    async def release_callback(self, job_id: str, *, delay_s: float, destination: str | None = None) -> None:
+        """Give back a claimed callback without an attempt: due again after `delay_s`, not after the lease."""
+        update: dict[str, Any] = {"callback.next_attempt_at": now() + timedelta(seconds=delay_s)}
+        if destination is not None:
+            update["callback.destination"] = destination
+        await self.jobs.update_one({"_id": job_id, "callback.status": "pending"}, {"$set": update})
 
     async def record_callback(
         self, job_id: str, *, delivered: bool, error: str | None, retry_in_s: float | None

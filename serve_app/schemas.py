@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from typing import Literal
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from serve_app.outbound import url_problem
 from serve_app.settings import get_settings
 from serve_app.texts import text_problem
 
@@ -149,10 +149,9 @@ class JobRequest(BaseModel):
     @field_validator("callback_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is not None:
-            url = urlparse(value)
-            if url.scheme not in ("http", "https") or not url.hostname:
-                raise _invalid("callback_url must be an http:// or https:// URL")
+        """The URL's shape only; where its host resolves to is checked at submission (it needs DNS)."""
+        if value is not None and (problem := url_problem(value)) is not None:
+            raise _invalid(f"callback_url {problem}")
         return value
 
     @model_validator(mode="after")
@@ -200,6 +199,24 @@ class JobDocument(BaseModel):
     callback: JobCallback | None
 
 
+class SubmittedJob(JobDocument):
+    """The answer to POST /v1/jobs: the job document, and the tenant's callback secret when it was just made."""
+
+    callback_secret: str | None = Field(
+        None,
+        description="The secret that signs your callbacks (X-Signature), present only in the answer that "
+        "created it: the first job with a callback_url. Keep it; POST /v1/callbacks/secret replaces it.",
+    )
+
+
+class CallbackSecret(BaseModel):
+    """A tenant's callback-signing secret, shown once: when it is made."""
+
+    object: Literal["callback.secret"] = "callback.secret"
+    secret: str = Field(description="HMAC-SHA256 key of X-Signature: t=<unix seconds>,v1=<hex of '<t>.<body>'>.")
+    created_at: str
+
+
 class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobDocument]
@@ -232,13 +249,19 @@ class JobResultObject(BaseModel):
 
 
 class UploadTicket(BaseModel):
-    """Where to PUT a JSON-lines file of texts (one JSON string, or {"text": ...}, per line)."""
+    """Where to upload a JSON-lines file of texts (one JSON string, or {"text": ...}, per line).
+
+    POST a multipart/form-data form to `url`: every entry of `fields`, then the file as `file_field`
+    (last). The object store refuses a file over `max_bytes`, another key, or an expired form.
+    """
 
     upload_id: str
     input_url: str
-    url: str
-    method: Literal["PUT"] = "PUT"
-    headers: dict[str, str]
+    url: str = Field(description="The object store's URL to POST the form to (the bucket).")
+    method: Literal["POST"] = "POST"
+    fields: dict[str, str] = Field(description="Form fields to send as they are, before the file.")
+    file_field: Literal["file"] = "file"
+    max_bytes: int = Field(description="The largest file the store accepts (INFER_JOB_MAX_INPUT_BYTES).")
     expires_in_s: int
 
 
@@ -259,6 +282,9 @@ class Identity(BaseModel):
     burst: int
     max_concurrent_jobs: int = Field(description="0: unlimited.")
     expires_at: str | None
+    token_rate_per_s: float | None = Field(None, description="Work budget: estimated tokens/s; 0: unlimited.")
+    token_burst: int | None = None
+    max_inflight_tokens: int | None = Field(None, description="0: unlimited.")
 
 
 class Session(BaseModel):
@@ -311,6 +337,13 @@ class KeyCreate(BaseModel):
     )
     burst: int | None = Field(None, ge=1, le=1_000_000, description="Null: the default.")
     max_concurrent_jobs: int | None = Field(None, ge=0, le=100_000, description="Null: the default; 0: unlimited.")
+    token_rate_per_s: float | None = Field(
+        None, ge=0, le=1e9, description="Work budget, estimated model tokens/s; null: the default; 0: unlimited."
+    )
+    token_burst: int | None = Field(None, ge=1, le=1_000_000_000, description="Null: the default.")
+    max_inflight_tokens: int | None = Field(
+        None, ge=0, le=1_000_000_000, description="Null: the default; 0: unlimited."
+    )
 
 
 class KeyInfo(BaseModel):
@@ -330,6 +363,9 @@ class KeyInfo(BaseModel):
     rate_limit_per_s: float | None
     burst: int | None
     max_concurrent_jobs: int | None
+    token_rate_per_s: float | None = None
+    token_burst: int | None = None
+    max_inflight_tokens: int | None = None
 
 
 class CreatedKey(KeyInfo):

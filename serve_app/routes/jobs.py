@@ -1,4 +1,4 @@
-"""Asynchronous jobs: /v1/uploads and /v1/jobs."""
+"""Asynchronous jobs: /v1/uploads, /v1/jobs, and the secret that signs their callbacks."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from serve_app.deps import JobsCallerDep, ServicesDep, require_jobs
 from serve_app.errors import JobNotFoundError
 from serve_app.job_store import public_view
-from serve_app.object_store import UPLOAD_CONTENT_TYPE, ObjectRef
+from serve_app.object_store import UPLOAD_FILE_FIELD, ObjectRef
 from serve_app.routes import AUTH_ERRORS
 from serve_app.schemas import (
+    CallbackSecret,
     Embedding,
     ErrorResponse,
     JobDocument,
@@ -22,6 +23,7 @@ from serve_app.schemas import (
     JobResultInline,
     JobResultObject,
     JobStatusName,
+    SubmittedJob,
     UploadTicket,
     Usage,
 )
@@ -34,29 +36,52 @@ ERRORS = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 503: {"m
 
 @router.post("/v1/uploads", response_model=UploadTicket, status_code=201, responses=ERRORS)
 async def create_upload(services: ServicesDep, caller: JobsCallerDep) -> UploadTicket:
-    """A presigned PUT URL for a JSON-lines file of texts, to submit as a job's input."""
-    ref, url = await asyncio.to_thread(services.job_objects.new_upload, caller.owner)
+    """A signed POST form for a JSON-lines file of texts (size-limited by the store), to submit as a job's input."""
+    form = await asyncio.to_thread(services.job_objects.new_upload, caller.owner)
     return UploadTicket(
-        upload_id=ref.key.rsplit("/", 1)[-1].removesuffix(".jsonl"),
-        input_url=ref.url,
-        url=url,
-        headers={"Content-Type": UPLOAD_CONTENT_TYPE},
+        upload_id=form.ref.key.rsplit("/", 1)[-1].removesuffix(".jsonl"),
+        input_url=form.ref.url,
+        url=form.url,
+        fields=form.fields,
+        file_field=UPLOAD_FILE_FIELD,
+        max_bytes=form.max_bytes,
         expires_in_s=services.settings.job_presign_expiry_s,
     )
 
 
 @router.post(
-    "/v1/jobs", response_model=JobDocument, status_code=202, responses={400: {"model": ErrorResponse}, **ERRORS}
+    "/v1/jobs",
+    response_model=SubmittedJob,
+    response_model_exclude_unset=True,
+    status_code=202,
+    responses={400: {"model": ErrorResponse}, **ERRORS},
 )
 async def submit_job(
     body: JobRequest, request: Request, response: Response, services: ServicesDep, caller: JobsCallerDep
 ):
-    """Accept a job: 202 at once with its id, status URL (Location) and document."""
+    """Accept a job: 202 at once with its id, status URL (Location) and document.
+
+    A `callback_url` must resolve to public addresses only (422 otherwise). The first job with a
+    callback makes the tenant's signing secret: that answer alone carries it, as `callback_secret`.
+    """
     request.state.history = {"model": body.model, "items": len(body.input) if body.input else None, "kind": "job"}
-    doc = await services.jobs.submit(body, caller)
+    doc, made_secret = await services.jobs.submit(body, caller)
     request.state.history["job_id"] = doc["_id"]
     response.headers["Location"] = f"/v1/jobs/{doc['_id']}"
-    return public_view(doc)
+    view = public_view(doc)
+    if made_secret is not None:
+        view["callback_secret"] = made_secret
+    return view
+
+
+@router.post("/v1/callbacks/secret", response_model=CallbackSecret, status_code=201, responses=ERRORS)
+async def rotate_callback_secret(services: ServicesDep, caller: JobsCallerDep) -> CallbackSecret:
+    """Make a new secret for signing your callbacks, replacing any: shown in this answer only.
+
+    Deliveries are signed with the new one within seconds (the job workers cache it briefly).
+    """
+    made = await services.keys.rotate_callback_secret(caller.owner)
+    return CallbackSecret(secret=made["value"], created_at=made["created_at"].isoformat())
 
 
 @router.get("/v1/jobs", response_model=JobList)
