@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Request, Response, Security
 from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from serve_app.auth import Principal
@@ -44,10 +44,19 @@ async def presented_credential(
     return api_key or cookie
 
 
-async def authenticate(request: Request, credential: Annotated[str | None, Depends(presented_credential)]) -> Principal:
-    """The caller, or a 401 (no, malformed, unknown, revoked or expired credential) or a 429."""
-    principal = await request.app.state.services.auth.authenticate(credential)
+async def authenticate(
+    request: Request, response: Response, credential: Annotated[str | None, Depends(presented_credential)]
+) -> Principal:
+    """The caller, or a 401 (no, malformed, unknown, revoked or expired credential) or a 429.
+
+    The key's x-ratelimit-*-requests headers go on the answer (FastAPI adds them to what a route
+    returns as a model; a route that builds its own Response adds `request.state.ratelimit_headers`).
+    """
+    headers: dict[str, str] = {}
+    principal = await request.app.state.services.auth.authenticate(credential, headers=headers)
     request.state.principal = principal  # the history middleware records who called
+    request.state.ratelimit_headers = headers
+    response.headers.update(headers)
     return principal
 
 
@@ -66,5 +75,6 @@ require_admin = _scope("admin")
 ServicesDep = Annotated[Services, Depends(get_services)]
 EmbeddingServiceDep = Annotated[EmbeddingService, Depends(get_embedding_service)]
 CallerDep = Annotated[Principal, Depends(authenticate)]
+InferCallerDep = Annotated[Principal, Depends(require_infer)]
 JobsCallerDep = Annotated[Principal, Depends(require_jobs)]
 CredentialDep = Annotated[str | None, Depends(presented_credential)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -78,14 +79,16 @@ class NotFoundError(APIError):
 
 
 class RateLimitError(APIError):
-    """Too many requests, or too many jobs at once, for this key; retry after the given seconds."""
+    """Too many requests, too much model work, or too many jobs at once, for this key; retry after the given seconds."""
 
     status_code = 429
     type = "rate_limit_error"
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after_s: float, code: str | None = None) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+    def __init__(
+        self, message: str, *, retry_after_s: float, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message, headers={**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after_s)))})
         self.code = code or self.code
 
 
@@ -132,10 +135,27 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 _UNPARSABLE_BODY = "There was an error parsing the body"
 
 
+def _beyond_parser_limits(cause: BaseException | None) -> str | None:
+    """What is wrong with JSON that is well-formed UTF-8 but beyond what Python's parser takes, if that is why."""
+    if isinstance(cause, RecursionError):
+        return (
+            f"the body is not valid JSON for this API: arrays or objects are nested too deeply "
+            f"(the parser stops at about {sys.getrecursionlimit()} levels)"
+        )
+    if isinstance(cause, ValueError) and not isinstance(cause, UnicodeError) and "integer string" in str(cause):
+        return f"the body is not valid JSON for this API: a number has more than {sys.get_int_max_str_digits()} digits"
+    return None
+
+
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     type_ = "not_found" if exc.status_code == 404 else "invalid_request_error"
     message = str(exc.detail)
     if exc.status_code == 400 and message == _UNPARSABLE_BODY:
+        if (reason := _beyond_parser_limits(exc.__cause__)) is not None:
+            # Malformed for us like any other bad JSON: a 422 in the same shape, saying what exceeds the limit.
+            body = error_body(reason, "invalid_request_error", code="validation_error")
+            body["detail"] = [{"loc": ["body"], "msg": reason, "type": "json_invalid"}]
+            return JSONResponse(body, 422)
         message = "the body could not be parsed: send JSON encoded as UTF-8"
     return JSONResponse(error_body(message, type_, code=str(exc.status_code)), exc.status_code, headers=exc.headers)
 

@@ -63,6 +63,9 @@ def key_view(doc: dict) -> KeyInfo:
         rate_limit_per_s=doc.get("rate_per_s"),
         burst=doc.get("burst"),
         max_concurrent_jobs=doc.get("max_jobs"),
+        token_rate_per_s=doc.get("token_rate_per_s"),
+        token_burst=doc.get("token_burst"),
+        max_inflight_tokens=doc.get("max_inflight_tokens"),
     )
 
 
@@ -94,6 +97,9 @@ async def create_key(body: KeyCreate, services: ServicesDep) -> CreatedKey:
         rate_per_s=body.rate_limit_per_s,
         burst=body.burst,
         max_jobs=body.max_concurrent_jobs,
+        token_rate_per_s=body.token_rate_per_s,
+        token_burst=body.token_burst,
+        max_inflight_tokens=body.max_inflight_tokens,
     )
     return CreatedKey(key=key, **key_view(doc).model_dump(exclude={"object"}))
 

@@ -25,6 +25,9 @@ def identity(principal: Principal) -> Identity:
         burst=principal.burst,
         max_concurrent_jobs=principal.max_jobs,
         expires_at=datetime.fromtimestamp(expires, UTC).isoformat() if expires else None,
+        token_rate_per_s=principal.token_rate_per_s,
+        token_burst=principal.token_burst,
+        max_inflight_tokens=principal.max_inflight_tokens,
     )
 
 

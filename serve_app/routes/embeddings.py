@@ -6,7 +6,8 @@ import base64
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from serve_app.deps import EmbeddingServiceDep, require_infer
+from serve_app.deps import EmbeddingServiceDep, InferCallerDep, ServicesDep, require_infer
+from serve_app.errors import RateLimitError
 from serve_app.routes import AUTH_ERRORS
 from serve_app.schemas import Embedding, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Usage
 
@@ -19,15 +20,40 @@ MODEL_VERSION_HEADER = "X-Model-Version"
 @router.post(
     "/v1/embeddings",
     response_model=EmbeddingResponse,
-    responses={404: {"model": ErrorResponse}, 400: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={
+        404: {"model": ErrorResponse},
+        400: {"model": ErrorResponse},
+        429: {"model": ErrorResponse, "description": "Over the key's request rate, work budget or in-flight work."},
+        503: {"model": ErrorResponse},
+    },
 )
-async def create_embeddings(body: EmbeddingRequest, request: Request, service: EmbeddingServiceDep) -> Response:
-    """Embeddings of one text or a list of texts, OpenAI-compatible; cached items are not recomputed."""
+async def create_embeddings(
+    body: EmbeddingRequest,
+    request: Request,
+    service: EmbeddingServiceDep,
+    services: ServicesDep,
+    caller: InferCallerDep,
+) -> Response:
+    """Embeddings of one text or a list of texts, OpenAI-compatible; cached items are not recomputed.
+
+    Cache misses are charged to the key's work budget (estimated tokens) before any model work:
+    over it, a 429 with Retry-After and x-ratelimit-*-tokens.
+    """
     texts = body.texts
     history = {"model": body.model, "items": len(texts)}
     request.state.history = history
-    outcome = await service.embed(body.model, texts, body.dimensions)
+    limit_headers: dict[str, str] = dict(getattr(request.state, "ratelimit_headers", {}))
+    meter = services.auth.meter(caller)
+    try:
+        outcome = await service.embed(body.model, texts, body.dimensions, meter=meter)
+    except RateLimitError as exc:
+        exc.headers = {**limit_headers, **(exc.headers or {})}
+        raise
+    finally:
+        if meter.charged:
+            history["work_tokens"] = meter.charged
     history.update(version=outcome.version, cache_hits=outcome.cache_hits)
+    limit_headers.update(meter.headers)
     if body.encoding_format == "base64":
         encoded = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode() for v in outcome.vectors]
     else:
@@ -41,5 +67,5 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, service: E
     return Response(
         content=payload.model_dump_json(),
         media_type="application/json",
-        headers={CACHE_HITS_HEADER: str(outcome.cache_hits), MODEL_VERSION_HEADER: outcome.version},
+        headers={CACHE_HITS_HEADER: str(outcome.cache_hits), MODEL_VERSION_HEADER: outcome.version, **limit_headers},
     )

@@ -34,13 +34,13 @@ def embed(client, headers=None, text="security"):
 
 @pytest.fixture(scope="module")
 def mongo(settings):
-    with MongoClient(settings.mongo_url, tz_aware=True) as client:
+    with MongoClient(settings.mongo_url, tz_aware=True, **settings.mongo_options()) as client:
         yield client[settings.mongo_db]
 
 
 @pytest.fixture(scope="module")
 def rds(settings):
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(settings.redis_url, **settings.redis_options())
     yield client
     client.close()
 
@@ -329,7 +329,8 @@ def test_a_tenant_sees_only_its_own_jobs_uploads_and_history(api, anonymous, set
     assert (mine["owner"], mine["key_id"]) == (tenant, api.get("/v1/auth/whoami").json()["key_id"])
 
     ticket = api.post("/v1/uploads").json()
-    httpx.put(ticket["url"], content=b'"tenant a upload"\n', headers=ticket["headers"]).raise_for_status()
+    upload = {"file": ("t.jsonl", b'"tenant a upload"\n')}
+    httpx.post(ticket["url"], data=ticket["fields"], files=upload).raise_for_status()
     by_id = anonymous.post("/v1/jobs", json={"model": MODEL, "upload_id": ticket["upload_id"]}, headers=theirs)
     assert by_id.status_code == 400
     assert "does not exist" in by_id.json()["error"]["message"]
@@ -452,20 +453,52 @@ def test_oversized_headers_and_bodies_are_refused_by_nginx(api):
 # -- last: nothing secret was written anywhere ---------------------------------------------
 
 
-def test_no_secret_reaches_logs_history_or_stored_documents(settings, mongo, api_key):
-    time.sleep(1.5)  # history flushes every 0.5 s; NGINX's access log every second
-    secrets = [s.split("_", 2)[2] for s in [*SECRETS, api_key] if s.count("_") >= 2]
-    assert len(secrets) > 10
-    stored = "".join(
+def test_a_key_sent_every_way_a_client_might_is_written_nowhere(settings, anonymous, mongo):
+    """Header, X-API-Key, a query parameter (refused, yet once logged in clear) and a cookie."""
+    key = create_key(settings, f"sec-{uuid.uuid4().hex[:10]}", name="sent every way", scopes=["infer"])
+    SECRETS.append(key)
+    assert anonymous.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert anonymous.get("/v1/models", headers={"X-API-Key": key}).status_code == 200
+    for query in (f"api_key={key}", f"limit=1&key={key}", f"access_token={key}", f"TOKEN={key}"):
+        refused = anonymous.get(f"/v1/models?{query}")
+        assert refused.status_code == 400, query
+        assert refused.json()["error"]["code"] == "credential_in_url"
+    assert anonymous.get("/v1/jobs?limit=1", headers={"X-API-Key": key}).status_code in (200, 403)  # other queries pass
+    assert anonymous.get("/v1/models", headers={"Cookie": f"infer_session={key}; api_key={key}"}).status_code in (
+        200,
+        401,
+    )
+    time.sleep(1.5)  # NGINX flushes its access log every second
+    assert not leaked([key], stored_documents(mongo), state_files(settings))
+
+
+def stored_documents(mongo) -> str:
+    return "".join(
         json.dumps(list(mongo[name].find({}, {"_id": 0})), default=str)
         for name in ("requests", "api_keys", "users", "jobs")
     )
+
+
+def state_files(settings) -> list:
+    """Every log-like file under the state dir but the development key's own file."""
     files = [p for p in settings.state_dir.rglob("*") if p.is_file() and p.suffix in {".log", ".out", ".err", ""}]
-    files = [p for p in files if p.stat().st_size < 200 * 1024 * 1024 and p != settings.dev_key_file]
-    assert any("nginx" in str(p) for p in files)
-    assert any("ray" in str(p) for p in files)
-    leaks = [s[:6] for s in secrets if s in stored]
+    return [p for p in files if p.stat().st_size < 200 * 1024 * 1024 and p != settings.dev_key_file]
+
+
+def leaked(credentials: list[str], stored: str, files: list) -> list[str]:
+    secrets = [c.split("_", 2)[2] for c in credentials if c.count("_") >= 2]
+    found = [f"stored: {s[:6]}..." for s in secrets if s in stored]
     for path in files:
         text = path.read_bytes().decode("utf-8", "replace")
-        leaks += [f"{path}: {s[:6]}..." for s in secrets if s in text]
-    assert not leaks, leaks
+        found += [f"{path}: {s[:6]}..." for s in secrets if s in text]
+    return found
+
+
+def test_no_secret_reaches_logs_history_or_stored_documents(settings, mongo, api_key):
+    time.sleep(1.5)  # history flushes every 0.5 s; NGINX's access log every second
+    credentials = [*SECRETS, api_key]
+    assert len(credentials) > 10
+    files = state_files(settings)
+    assert any("nginx" in str(p) for p in files)
+    assert any("ray" in str(p) for p in files)
+    assert not leaked(credentials, stored_documents(mongo), files)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import inspect
 import time
 
 import numpy as np
@@ -22,7 +24,8 @@ class _Method:
 
     def remote(self, *args):
         async def call():
-            return self.fn(*args)
+            result = self.fn(*args)
+            return await result if inspect.isawaitable(result) else result
 
         return call()
 
@@ -36,6 +39,18 @@ class FakeModelHandle:
         self.version = version
         self.embedded: list[list[str]] = []
         self.fail = False
+        self.delay_s = 0.0  # how long each embed call takes (then calls can overlap)
+        self.active = 0
+        self.max_active = 0  # the most embed calls in progress at once
+
+    async def _embed_slowly(self, texts: list[str]) -> EmbeddingBatch:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await asyncio.sleep(self.delay_s)
+            return self._embed(texts)
+        finally:
+            self.active -= 1
 
     def _embed(self, texts: list[str]) -> EmbeddingBatch:
         if self.fail:
@@ -67,7 +82,7 @@ class FakeModelHandle:
 
     @property
     def embed(self) -> _Method:
-        return _Method(self._embed)
+        return _Method(self._embed_slowly if self.delay_s else self._embed)
 
     @property
     def info(self) -> _Method:
@@ -85,3 +100,95 @@ class DictCache:
 
     async def put_many(self, entries: dict[str, bytes]) -> None:
         self.data.update(entries)
+
+
+class RedisServer:
+    """A private redis-server on a free port under a temporary directory (started and stopped by its pid)."""
+
+    def __init__(self, directory) -> None:
+        import shutil
+        import socket
+        import subprocess
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise
+                time.sleep(0.05)
+        self.client = client
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except Exception:
+            self.process.kill()
+            self.process.wait()
+
+
+class FakeKeyCollection:
+    """The slice of MongoDB's `api_keys` that the key store and the authenticator use; `down` fails every call."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, dict] = {}
+        self.down = False
+        self.calls = 0
+
+    def _check(self) -> None:
+        from pymongo.errors import ServerSelectionTimeoutError
+
+        self.calls += 1
+        if self.down:
+            raise ServerSelectionTimeoutError("MongoDB is down (fake)")
+
+    async def create_index(self, *args, **kwargs) -> str:
+        self._check()
+        return "index"
+
+    async def find_one(self, query: dict, *args) -> dict | None:
+        self._check()
+        return next((d for d in self.docs.values() if all(d.get(k) == v for k, v in query.items())), None)
+
+    async def find_one_and_update(self, query: dict, update, return_document=None) -> dict | None:
+        from datetime import UTC, datetime
+
+        doc = await self.find_one(query)
+        if doc is None:
+            return None
+        if isinstance(update, list):  # the revocation's pipeline
+            doc.update(revoked=True, revoked_at=doc.get("revoked_at") or datetime.now(UTC))
+        else:
+            doc.update(update["$set"])
+        return dict(doc)

@@ -130,6 +130,31 @@ def test_malformed_json_and_unknown_routes_answer_in_json(client):
     assert missing.json()["error"]["type"] == "not_found"
 
 
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ('{"model": "fake-model", "input": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+        ('{"model": "fake-model", "input": "x", "dimensions": ' + "9" * 5000 + "}", "more than 4300 digits"),
+    ],
+)
+def test_json_beyond_the_parsers_limits_is_a_422_that_says_which_limit(client, body, fragment):
+    response = client.post("/v1/embeddings", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert fragment in error["message"]
+    assert "UTF-8" not in error["message"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "validation_error")
+    assert response.json()["detail"][0]["type"] == "json_invalid"
+    assert embed(client, input="still serving").status_code == 200
+
+
+def test_bytes_that_are_not_utf8_are_still_a_400_that_says_so(client):
+    body = b'{"model": "fake-model", "input": "caf\xe9 \xff\xfe"}'
+    response = client.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert "UTF-8" in response.json()["error"]["message"]
+
+
 def test_a_failing_model_is_503_and_makes_readiness_unavailable(client, handle):
     assert client.get("/readyz").json()["status"] == "degraded"  # stores down, model up
     handle.fail = True
