@@ -95,7 +95,8 @@ def test_ray_refuses_a_client_without_the_token(settings):
         "from ray.util.client import ray as client\n"
         "try:\n"
         "    client.connect('127.0.0.1:10001', connection_retries=1)\n"
-        "    print('ran:', ray.get(ray.remote(lambda: 6 * 7).remote()))\n"
+        # num_cpus=0: the replicas hold the CPUs; the probe must not wait for one to run
+        "    print('ran:', ray.get(ray.remote(num_cpus=0)(lambda: 6 * 7).remote()))\n"
         "except Exception as exc:\n"
         "    print('refused:', type(exc).__name__)\n"
     )

@@ -424,6 +424,18 @@ def test_deeply_nested_json_is_a_4xx_and_the_service_keeps_serving(api):
     assert embed(api).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("[" * 1500 + "]" * 1500, "nested too deeply"), ("1" * 5000, "digits")],
+)
+def test_json_past_the_parsers_limits_is_a_422_that_says_which_limit(api, value, says):
+    body = '{"model": "all-minilm-l6-v2", "input": ' + value + "}"
+    response = api.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert says in response.json()["error"]["message"]
+    assert "UTF-8" not in response.json()["error"]["message"]
+
+
 def test_invalid_utf8_is_a_4xx(api):
     body = b'{"model": "all-minilm-l6-v2", "input": "caf\xe9 \xff\xfe"}'
     response = api.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
