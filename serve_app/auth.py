@@ -226,7 +226,8 @@ def fallback_key(sha: str) -> str:
 
 
 def deny_key(key_id: str) -> str:
-    """A revocation MongoDB could not record: the key is refused while this exists."""
+    """A revoked key, refused while this exists: set by every revocation (outliving every cached copy
+    of the key), and with no expiry by a revocation MongoDB could not record."""
     return f"revoked:{key_id}"
 
 

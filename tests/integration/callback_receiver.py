@@ -84,22 +84,14 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_namespaces() -> None:
     """Namespaces this helper made in test sessions that have died (their veth pairs go with them)."""
+    from cluster.processes import _alive as alive  # here: the receiver itself runs as a bare script
+
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         match = re.fullmatch(rf"{NAMESPACE_PREFIX}(\d+)-[0-9a-f]+", name)
-        if match and not _alive(int(match.group(1))):
+        if match and not alive(int(match.group(1))):
             _ip("netns", "del", name, check=False)
 
 
