@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import time
 import uuid
@@ -14,6 +13,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from serve_app.object_store import object_store_client
+from tests.post_forms import post_declaring
 
 MODEL = "all-minilm-l6-v2"
 
@@ -47,38 +47,13 @@ def test_the_moto_admin_api_is_not_served(settings):
     assert object_store_client(settings, 5).bucket_exists(settings.model_bucket), "the models are still there"
 
 
-def _post_declaring(url: str, fields: dict[str, str], declared_file_bytes: int) -> tuple[int, str]:
-    """POST the form's fields and a file part header declaring a large body, send only a KB of it, read the answer."""
-    boundary = uuid.uuid4().hex
-    head = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    )
-    head += f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'.encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-    target = urlsplit(url)
-    connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-    try:
-        connection.putrequest("POST", target.path)
-        connection.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
-        connection.putheader("Content-Length", str(len(head) + declared_file_bytes + len(tail)))
-        connection.endheaders(head + b'"x"\n' * 256)
-        started = time.monotonic()
-        response = connection.getresponse()
-        body = response.read().decode()
-        assert time.monotonic() - started < 10, "answered without waiting for the rest of the body"
-        return response.status, body
-    finally:
-        connection.close()
-
-
 def test_an_upload_over_the_input_limit_is_refused_by_the_store(api, settings):
     ticket = api.post("/v1/uploads").json()
     assert ticket["method"] == "POST"
     assert ticket["max_bytes"] == settings.job_max_input_bytes
     assert ticket["fields"]["key"].endswith(f"{ticket['upload_id']}.jsonl")
 
-    status, body = _post_declaring(ticket["url"], ticket["fields"], settings.job_max_input_bytes + 1024 * 1024)
+    status, body = post_declaring(ticket["url"], ticket["fields"], settings.job_max_input_bytes + 1024 * 1024)
     assert status == 400, body
     assert "<Code>EntityTooLarge</Code>" in body
     refused = api.post("/v1/jobs", json={"model": MODEL, "upload_id": ticket["upload_id"]})
@@ -98,7 +73,7 @@ def test_an_upload_within_the_limit_is_stored_and_a_job_reads_it(api, settings):
     posted = httpx.post(ticket["url"], data=ticket["fields"], files={ticket["file_field"]: ("texts.jsonl", body)})
     assert posted.status_code == 204, posted.text
     # The same form again cannot replace it with something over the limit.
-    status, _ = _post_declaring(ticket["url"], ticket["fields"], settings.job_max_input_bytes + 1024 * 1024)
+    status, _ = post_declaring(ticket["url"], ticket["fields"], settings.job_max_input_bytes + 1024 * 1024)
     assert status in (400, 403)
 
     job = api.post("/v1/jobs", json={"model": MODEL, "upload_id": ticket["upload_id"]})

@@ -30,6 +30,7 @@ from minio.error import S3Error
 
 from serve_app.object_store import UPLOAD_CONTENT_TYPE, JobObjects, ObjectRef
 from serve_app.settings import Settings
+from tests.post_forms import post_declaring
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -321,32 +322,9 @@ def test_a_post_upload_declaring_too_many_bytes_is_refused_before_the_file_is_re
     """2 MB declared against a 1 MB policy: the answer comes although the file was never sent."""
     key = f"uploads/{uuid.uuid4().hex}.jsonl"
     fields = _form(client, _policy(bucket, key, MiB), key)
-    boundary = uuid.uuid4().hex
-    head = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    )
-    head += f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\n'.encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-    declared = len(head) + 2 * MiB + len(tail)
-    host, port = urlsplit(server[0]).hostname, urlsplit(server[0]).port
-    with socket.create_connection((host, port), timeout=10) as sock:
-        sock.sendall(
-            (
-                f"POST /{bucket} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {declared}\r\n\r\n"
-            ).encode()
-            + head
-            + b"x" * 1024
-        )
-        answer = b""
-        while b"</Error>" not in answer:
-            block = sock.recv(65536)
-            if not block:
-                break
-            answer += block
-    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
-    assert b"<Code>EntityTooLarge</Code>" in answer
+    status, answer = post_declaring(f"{server[0]}/{bucket}", fields, 2 * MiB)
+    assert status == 400, answer[:200]
+    assert "<Code>EntityTooLarge</Code>" in answer
     assert not _exists(client, bucket, key)
 
 
