@@ -57,7 +57,7 @@ LOADTEST_RATE ?= 4
 LOADTEST_TIME ?= 60s
 loadtest: up  ## Locust, headless, through NGINX; CSV + HTML report under loadtests/results/
 	@dir=loadtests/results/locust-$$(date -u +%Y%m%d-%H%M%S); mkdir -p $$dir; \
-	host=$$($(PY) -c "from serve_app.settings import get_settings; print(get_settings().public_url)"); \
+	host=$$($(PY) -c "from cluster.settings import get_cluster_settings; print(get_cluster_settings().public_url)"); \
 	$(VENV)/bin/locust -f loadtests/locustfile.py --headless -u $(LOADTEST_USERS) -r $(LOADTEST_RATE) \
 	  -t $(LOADTEST_TIME) --host $$host --csv $$dir/locust --html $$dir/report.html --only-summary; \
 	echo "results: $$dir/report.html and $$dir/locust_stats.csv"

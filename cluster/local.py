@@ -18,19 +18,19 @@ from pathlib import Path
 
 import yaml
 
+from cluster.dev_key import ensure_dev_key
 from cluster.processes import wait_until
 from cluster.secrets import prepared_settings, ray_token_file
 from cluster.seed import seed_default_model
 from cluster.services import VENV_BIN, Ray, ServiceError, all_services, load_serve_config, ray_env
-from serve_app.admin import ensure_dev_key
-from serve_app.settings import Settings, get_settings
+from cluster.settings import ClusterSettings, get_cluster_settings
 
 
 def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def deploy(settings: Settings, config: dict | None = None) -> Path:
+def deploy(settings: ClusterSettings, config: dict | None = None) -> Path:
     """`serve deploy` a Serve config (default: cluster/serve_config.yaml with this machine's settings)."""
     rendered = settings.state_dir / "serve_config.yaml"
     rendered.write_text(yaml.safe_dump(config or load_serve_config(settings), sort_keys=False))
@@ -46,13 +46,13 @@ def deploy(settings: Settings, config: dict | None = None) -> Path:
     return rendered
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext:
+def tls_context(settings: ClusterSettings) -> ssl.SSLContext:
     """A client context that trusts the local CA (or, with real certificates, the system's)."""
     local_ca = settings.tls_cert_file is None and settings.tls_ca_file.exists()
     return ssl.create_default_context(cafile=settings.tls_ca_file if local_ca else None)
 
 
-def readiness(settings: Settings, base_url: str | None = None) -> dict | None:
+def readiness(settings: ClusterSettings, base_url: str | None = None) -> dict | None:
     try:
         url = f"{base_url or settings.public_url}/readyz"
         with urllib.request.urlopen(url, timeout=5, context=tls_context(settings)) as response:
@@ -61,7 +61,7 @@ def readiness(settings: Settings, base_url: str | None = None) -> dict | None:
         return None
 
 
-def wait_ready(settings: Settings) -> dict:
+def wait_ready(settings: ClusterSettings) -> dict:
     report: dict | None = None
 
     def ready() -> bool:
@@ -77,9 +77,9 @@ def wait_ready(settings: Settings) -> dict:
     return report or {}
 
 
-def up(settings: Settings | None = None) -> list[str]:
+def up(settings: ClusterSettings | None = None) -> list[str]:
     """Bring everything up; returns the names of the services this call started."""
-    settings = settings or get_settings()
+    settings = settings or get_cluster_settings()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     started = []
     for service in all_services(settings):
@@ -105,13 +105,21 @@ def up(settings: Settings | None = None) -> list[str]:
         _say(f"  {'api key':<13} none      user {settings.dev_owner} is disabled; make keys with serve_app.admin")
     else:
         state = "created" if made else "kept"
-        _say(f"  {'api key':<13} {state:<9} {settings.dev_key_file} (user {settings.dev_owner})")
+        _say(f"  {'api key':<13} {state:<9} {_shown(settings.dev_key_file)} (user {settings.dev_owner})")
     return started
 
 
-def down(settings: Settings | None = None, only: list[str] | None = None) -> list[str]:
+def _shown(path: Path) -> str:
+    """A path as the person who typed `make up` can use it: relative to where they are, when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def down(settings: ClusterSettings | None = None, only: list[str] | None = None) -> list[str]:
     """Stop the services this bring-up started (all of ours, or just those named)."""
-    settings = settings or get_settings()
+    settings = settings or get_cluster_settings()
     stopped = []
     for service in reversed(all_services(settings)):
         if only is not None and service.name not in only:
@@ -122,8 +130,8 @@ def down(settings: Settings | None = None, only: list[str] | None = None) -> lis
     return stopped
 
 
-def status(settings: Settings | None = None) -> list[dict]:
-    settings = settings or get_settings()
+def status(settings: ClusterSettings | None = None) -> list[dict]:
+    settings = settings or get_cluster_settings()
     rows = []
     for service in all_services(settings):
         pid = service.process.pid
@@ -143,7 +151,7 @@ def status(settings: Settings | None = None) -> list[dict]:
     return rows
 
 
-def banner(settings: Settings) -> str:
+def banner(settings: ClusterSettings) -> str:
     body = json.dumps({"model": settings.default_model, "input": ["Ray Serve scales replicas", "Serving at scale"]})
     https = ""
     if settings.https_url:

@@ -12,8 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from serve_app.admin import write_private
-from serve_app.settings import Settings, load_settings
+from cluster.settings import ClusterSettings, get_cluster_settings, load_cluster_settings
 
 RAY_TOKEN_FILE = "ray-token"
 
@@ -26,6 +25,17 @@ GENERATED = {
     "infer_s3_secret_key": lambda: secrets.token_urlsafe(30),
     RAY_TOKEN_FILE: lambda: secrets.token_hex(32),
 }
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret readable by its owner only (0600), replacing any older file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
 
 
 def ensure_secrets(state_dir: Path) -> list[str]:
@@ -44,28 +54,29 @@ def ensure_secrets(state_dir: Path) -> list[str]:
     return made
 
 
-def ray_token_file(settings: Settings) -> Path:
+def ray_token_file(settings: ClusterSettings) -> Path:
     return settings.secrets_dir / RAY_TOKEN_FILE
 
 
-def ray_auth_env(settings: Settings) -> dict[str, str]:
+def ray_auth_env(settings: ClusterSettings) -> dict[str, str]:
     """What every Ray process, CLI call and client needs: token authentication, and where the token is."""
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_file(settings))}
 
 
-def ray_auth_headers(settings: Settings) -> dict[str, str]:
+def ray_auth_headers(settings: ClusterSettings) -> dict[str, str]:
     """For HTTP calls to the dashboard's API."""
     token = ray_token_file(settings).read_text().strip()
     return {"Authorization": f"Bearer {token}"}
 
 
-def prepared_settings() -> Settings:
+def prepared_settings() -> ClusterSettings:
     """Settings after the local secrets exist, with Ray's auth exported to this process (its clients)."""
     from serve_app.settings import get_settings
 
-    state_dir = load_settings().state_dir
+    state_dir = load_cluster_settings().state_dir
     ensure_secrets(state_dir)
-    get_settings.cache_clear()
-    settings = get_settings()
+    get_settings.cache_clear()  # the gateway's settings in this process (tests build gateways) see them too
+    get_cluster_settings.cache_clear()
+    settings = get_cluster_settings()
     os.environ.update(ray_auth_env(settings))
     return settings

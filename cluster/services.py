@@ -18,10 +18,10 @@ import jinja2
 import yaml
 
 from cluster.processes import ManagedProcess, wait_until
-from cluster.secrets import ray_auth_env, ray_auth_headers
+from cluster.secrets import ray_auth_env, ray_auth_headers, write_private
+from cluster.settings import ClusterSettings
 from cluster.tls import ensure_local_certificate
-from serve_app.admin import write_private
-from serve_app.settings import REPO_ROOT, Settings
+from serve_app.settings import REPO_ROOT
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -30,7 +30,7 @@ class ServiceError(RuntimeError):
     """A service could not be started or did not come up."""
 
 
-def ray_env(settings: Settings) -> dict[str, str]:
+def ray_env(settings: ClusterSettings) -> dict[str, str]:
     """Environment for every Ray process and CLI call: auth decided once, settings made absolute."""
     env = dict(os.environ)
     # Ray's GCS, raylet, worker and Ray Client ports listen beyond loopback whatever the node address:
@@ -70,7 +70,7 @@ class Service:
     """A service the bring-up may start. `external` means something else already serves its port."""
 
     name: str
-    settings: Settings
+    settings: ClusterSettings
 
     start_timeout_s = 60.0
 
@@ -245,7 +245,7 @@ class ObjectStore(Service):
         from minio.error import MinioException
         from urllib3.exceptions import HTTPError
 
-        from serve_app.object_store import object_store_client
+        from serve_app.infra.s3 import object_store_client
 
         try:
             object_store_client(self.settings, timeout_s=1.0).list_buckets()
@@ -311,7 +311,7 @@ class RabbitMQ(Service):
         import pika
         from pika.exceptions import AMQPError, ProbableAccessDeniedError, ProbableAuthenticationError
 
-        from serve_app.job_queue import connection_parameters
+        from serve_app.infra.rabbitmq import connection_parameters
 
         params = connection_parameters(self.settings)
         params.socket_timeout = 1
@@ -328,7 +328,7 @@ class RabbitMQ(Service):
         import pika
         from pika.exceptions import ProbableAccessDeniedError, ProbableAuthenticationError
 
-        from serve_app.job_queue import connection_parameters
+        from serve_app.infra.rabbitmq import connection_parameters
 
         try:
             pika.BlockingConnection(connection_parameters(self.settings)).close()
@@ -513,7 +513,7 @@ def _require(program: str) -> str:
     raise ServiceError(f"{program} is not installed: run `make install` (it installs the Debian packages)")
 
 
-def all_services(settings: Settings) -> list[Service]:
+def all_services(settings: ClusterSettings) -> list[Service]:
     """In start order; stopped in reverse."""
     return [
         Redis("redis", settings),
@@ -525,7 +525,7 @@ def all_services(settings: Settings) -> list[Service]:
     ]
 
 
-def load_serve_config(settings: Settings, source: Path = REPO_ROOT / "cluster" / "serve_config.yaml") -> dict:
+def load_serve_config(settings: ClusterSettings, source: Path = REPO_ROOT / "cluster" / "serve_config.yaml") -> dict:
     """The Serve config with this machine's HTTP host and port filled in from settings."""
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {}).update(host=settings.serve_host, port=settings.serve_port)

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from serve_app.admin import write_private
-from serve_app.settings import Settings
+from cluster.secrets import write_private
+from cluster.settings import ClusterSettings
 
 VALID_DAYS = 365
 RENEW_BEFORE = timedelta(days=30)
@@ -43,7 +43,7 @@ def _still_good(path: Path, names: set[str]) -> bool:
     return names <= have
 
 
-def ensure_local_certificate(settings: Settings) -> bool:
+def ensure_local_certificate(settings: ClusterSettings) -> bool:
     """Make the local CA and server certificate if missing, expiring or lacking a name; True if made."""
     if settings.nginx_tls_port is None or settings.tls_cert_file or settings.tls_key_file:
         if bool(settings.tls_cert_file) != bool(settings.tls_key_file):

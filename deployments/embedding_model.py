@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve import metrics
 
-from serve_app.model_contract import EmbeddingBatch, ModelInfo
+from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
 

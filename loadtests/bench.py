@@ -31,10 +31,11 @@ from pathlib import Path
 import httpx
 
 from cluster.processes import ManagedProcess, wait_until
+from cluster.settings import ClusterSettings, get_cluster_settings
 from loadtests.loadgen import API_KEY_ENV
 from loadtests.texts import fixed_set, fresh_batches
-from serve_app.admin import issue_key
-from serve_app.settings import REPO_ROOT, Settings, get_settings
+from serve_app.auth.key_store import issue_key
+from serve_app.settings import REPO_ROOT
 
 MODEL = "all-minilm-l6-v2"
 METRICS_SETTLE_S = 5.0  # Ray exports metrics every 2 s (RAY_metrics_report_interval_ms); wait two rounds
@@ -45,7 +46,14 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 class Bench:
     def __init__(
-        self, settings: Settings, out: Path, *, sizes: list[int], levels: list[int], duration_s: float, job_items: int
+        self,
+        settings: ClusterSettings,
+        out: Path,
+        *,
+        sizes: list[int],
+        levels: list[int],
+        duration_s: float,
+        job_items: int,
     ) -> None:
         self.settings = settings
         self.out = out
@@ -405,7 +413,7 @@ def main() -> None:
     parser.add_argument("--levels", default=None, help="concurrent clients, e.g. 8,32")
     parser.add_argument("--duration", type=float, default=None, help="seconds per point")
     args = parser.parse_args()
-    settings = get_settings()
+    settings = get_cluster_settings()
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = args.out or REPO_ROOT / "loadtests" / "results" / f"bench-{stamp}"
     if args.quick:

@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from ray import serve
 
 from deployments.embedding_model import EmbeddingModel, ModelConfig
-from serve_app.api import create_app
-from serve_app.services import Services
+from serve_app.http.api import create_app
+from serve_app.http.container import Services
 from serve_app.settings import get_settings
 
 ROUTE_PREFIX = "/fused"

@@ -6,8 +6,8 @@ from pydantic import BaseModel, Field
 from ray.serve import Application
 
 from deployments.embedding_model import EmbeddingModel
+from deployments.gateway import Gateway
 from deployments.job_worker import JobWorker
-from serve_app.gateway import Gateway
 from serve_app.settings import get_settings
 
 
@@ -21,4 +21,7 @@ def build_app(args: dict[str, str] | None = None) -> Application:
     """Gateway -> EmbeddingModel for requests; JobWorker -> EmbeddingModel for asynchronous jobs."""
     parsed = AppArgs.model_validate(args or {})
     models = {parsed.model: EmbeddingModel.bind(parsed.model)}
+    # Serve deploys what the ingress's bound arguments reach, and nothing else: passing the bound
+    # JobWorker to the Gateway is what deploys the job workers. The gateway itself only asks it
+    # whether it consumes (readiness); jobs reach the workers through RabbitMQ, never this handle.
     return Gateway.bind(models, JobWorker.bind(models))

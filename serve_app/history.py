@@ -34,17 +34,6 @@ DUPLICATE_KEY = 11000
 INDEX_OPTIONS_CONFLICT = 85
 
 
-def mongo_client(settings: Settings) -> AsyncMongoClient:
-    timeout_ms = int(settings.mongo_timeout_s * 1000)
-    return AsyncMongoClient(
-        settings.mongo_url,
-        serverSelectionTimeoutMS=timeout_ms,
-        connectTimeoutMS=timeout_ms,
-        tz_aware=True,
-        **settings.mongo_options(),
-    )
-
-
 class HistoryWriter:
     """Buffers history records and writes them to `<db>.requests` in batches."""
 

@@ -22,7 +22,7 @@ from minio import Minio
 from minio.error import S3Error
 from pydantic import BaseModel
 
-from serve_app.object_store import object_store_client
+from serve_app.infra.s3 import object_store_client
 from serve_app.settings import Settings
 
 MANIFEST = "manifest.json"
@@ -30,7 +30,7 @@ VERIFIED_MARKER = ".verified"
 CHUNK = 1 << 20
 
 
-class ModelNotFoundError(LookupError):
+class VersionNotFoundError(LookupError):
     """The repository has no such model version."""
 
 
@@ -124,7 +124,7 @@ class ModelRepository:
         )
         try:
             existing = self.manifest(name, version)
-        except ModelNotFoundError:
+        except VersionNotFoundError:
             existing = None
         if existing is not None:
             if existing.digest != candidate.digest:
@@ -148,27 +148,15 @@ class ModelRepository:
             response = self.client.get_object(self.bucket, f"{name}/{version}/{MANIFEST}")
         except S3Error as exc:
             if exc.code in {"NoSuchKey", "NoSuchBucket"}:
-                raise ModelNotFoundError(f"no model {name!r} version {version!r} in {self.uri(name, version)}") from exc
+                raise VersionNotFoundError(
+                    f"no model {name!r} version {version!r} in {self.uri(name, version)}"
+                ) from exc
             raise
         try:
             return Manifest.model_validate_json(response.read())
         finally:
             response.close()
             response.release_conn()
-
-    def versions(self, name: str) -> list[str]:
-        """Versions of a model that have a manifest, oldest first."""
-        try:
-            prefixes = [o.object_name for o in self.client.list_objects(self.bucket, prefix=f"{name}/")]
-        except S3Error as exc:
-            if exc.code == "NoSuchBucket":
-                return []
-            raise
-        found = [p.rstrip("/").rsplit("/", 1)[-1] for p in prefixes if p and p.endswith("/")]
-        return sorted(
-            (v for v in found if self._has_manifest(name, v)),
-            key=lambda v: (0, int(v)) if v.isdigit() else (1, v),  # type: ignore[arg-type]
-        )
 
     def _has_manifest(self, name: str, version: str) -> bool:
         try:

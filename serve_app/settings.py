@@ -1,11 +1,15 @@
-"""The one settings class: every endpoint, credential, port and limit, read from INFER_* variables."""
+"""What the gateway and the replicas read: every service endpoint and credential, limit and timeout.
+
+All from INFER_* variables (and, locally, files under <state_dir>/secrets/). What only the
+bring-up needs (NGINX, TLS, Ray's ports, the development key) is cluster/settings.py's
+ClusterSettings, which extends this class with the same INFER_ names.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
+from typing import Any, TypeVar
 
 from pydantic import Field, SecretStr, computed_field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,30 +20,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFER_", env_file=None, extra="ignore")
 
-    # Where the local bring-up keeps pid files, logs, data dirs and rendered configs.
+    # Where the local bring-up keeps pid files, logs, data dirs and rendered configs; replicas read
+    # credentials from its secrets/ and cache weights under it.
     state_dir: Path = REPO_ROOT / ".cluster"
 
-    # Public door and Ray.
-    nginx_host: str = "127.0.0.1"
-    nginx_port: int = 8080
-    nginx_upstreams: list[str] = Field(
-        default_factory=lambda: ["127.0.0.1:8000"],
-        description="Every node's Serve proxy (host:port) that NGINX balances over.",
-    )
-    nginx_client_max_body_size: str = "4m"
-    nginx_proxy_read_timeout_s: int = Field(75, description="Longer than model_timeout_s, so the gateway's 503 wins.")
-    serve_host: str = "127.0.0.1"
-    serve_port: int = 8000
-    ray_gcs_port: int = 6380
-    ray_node_ip: str = Field("127.0.0.1", description="The head node's address; loopback keeps Ray on this machine.")
-    ray_dashboard_host: str = "127.0.0.1"
-    ray_dashboard_port: int = 8265
-    ray_num_cpus: int | None = None
-    ray_metrics_port: int = Field(8090, description="Prometheus metrics of the head node (Ray's and ours).")
-    ray_object_store_bytes: int = 512 * 1024 * 1024
-    serve_app_name: str = "inference"
     readiness_cache_s: float = Field(1.0, description="Probes of /readyz share one set of checks this long.")
-    ready_timeout_s: float = 300.0
 
     # Stateful services. Credentials come from the environment or, locally, from files the bring-up
     # writes into <state_dir>/secrets/ (one per variable, named like it in lower case, mode 0600).
@@ -61,7 +46,6 @@ class Settings(BaseSettings):
     rabbitmq_url: str = Field("amqp://127.0.0.1:5672/infer", description="Host, port and vhost (the path).")
     rabbitmq_username: str = "infer"
     rabbitmq_password: SecretStr | None = None
-    rabbitmq_epmd_port: int = Field(4370, description="The local RabbitMQ's own epmd (Erlang port mapper).")
     s3_endpoint: str = "http://127.0.0.1:9000"
     s3_access_key: str = "minioadmin"
     s3_secret_key: SecretStr = SecretStr("minioadmin")
@@ -144,100 +128,11 @@ class Settings(BaseSettings):
     inflight_wait_s: float = Field(
         10.0, description="How long a request waits for its key's in-flight allowance before a 429."
     )
-    dev_owner: str = Field("dev", description="The user `make up` creates its development key for.")
-
-    # TLS and NGINX's outer shield (per client address, before any key is looked at).
-    nginx_tls_port: int | None = Field(8443, description="HTTPS port; None turns TLS off.")
-    tls_cert_file: Path | None = Field(None, description="Certificate chain (PEM); default: a local CA's.")
-    tls_key_file: Path | None = Field(None, description="Its private key (PEM); default: made by the bring-up.")
-    nginx_http_redirect: bool | None = Field(
-        None, description="Redirect HTTP to HTTPS; default: yes unless NGINX listens on loopback only."
-    )
-    nginx_limit_req_per_s: int = 2000
-    nginx_limit_req_burst: int = 4000
-    nginx_limit_conn: int = 512
-    nginx_header_buffers: str = Field("4 16k", description="large_client_header_buffers: bigger headers get 431.")
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def weights_cache_dir(self) -> Path:
         return self.model_cache_dir or self.state_dir / "model-cache"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def tls_dir(self) -> Path:
-        return self.state_dir / "tls"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def tls_ca_file(self) -> Path:
-        """The local CA that signs the self-signed certificate (clients trust it with --cacert)."""
-        return self.tls_dir / "ca.pem"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def tls_certificate(self) -> Path:
-        return self.tls_cert_file or self.tls_dir / "server.pem"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def tls_private_key(self) -> Path:
-        return self.tls_key_file or self.tls_dir / "server.key"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def redirects_http(self) -> bool:
-        if self.nginx_tls_port is None:
-            return False
-        if self.nginx_http_redirect is not None:
-            return self.nginx_http_redirect
-        return not self.nginx_host.startswith("127.") and self.nginx_host not in ("localhost", "::1")
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def http_url(self) -> str:
-        return f"http://{self.nginx_host}:{self.nginx_port}"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def https_url(self) -> str | None:
-        return f"https://{self.nginx_host}:{self.nginx_tls_port}" if self.nginx_tls_port else None
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def public_url(self) -> str:
-        """Where clients go: HTTPS when plain HTTP only redirects, else HTTP."""
-        return self.https_url if self.redirects_http and self.https_url else self.http_url
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def dev_key_file(self) -> Path:
-        return self.state_dir / "api-key"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def serve_url(self) -> str:
-        return f"http://{self.serve_host}:{self.serve_port}"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def dashboard_url(self) -> str:
-        return f"http://{self.ray_dashboard_host}:{self.ray_dashboard_port}"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def ray_address(self) -> str:
-        return f"127.0.0.1:{self.ray_gcs_port}"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def s3_secure(self) -> bool:
-        return urlparse(self.s3_endpoint).scheme == "https"
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def s3_host(self) -> str:
-        return urlparse(self.s3_endpoint).netloc
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -275,10 +170,13 @@ class Settings(BaseSettings):
         return self.rabbitmq_username, self.rabbitmq_password.get_secret_value()
 
 
-def load_settings() -> Settings:
+S = TypeVar("S", bound=Settings)
+
+
+def load_settings(cls: type[S] = Settings) -> S:  # type: ignore[assignment]
     """Settings from the environment, then from the files under <state_dir>/secrets/ where they exist."""
-    secrets = Settings().secrets_dir
-    return Settings(_secrets_dir=secrets) if secrets.is_dir() else Settings()
+    secrets = cls().secrets_dir
+    return cls(_secrets_dir=secrets) if secrets.is_dir() else cls()
 
 
 @lru_cache

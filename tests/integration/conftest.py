@@ -11,13 +11,13 @@ import pytest
 
 from cluster import local
 from cluster.secrets import prepared_settings
-from serve_app.admin import issue_key
-from serve_app.auth import SCOPES
-from serve_app.settings import Settings
+from cluster.settings import ClusterSettings
+from serve_app.auth.credentials import SCOPES
+from serve_app.auth.key_store import issue_key
 
 
 @pytest.fixture(scope="session")
-def settings() -> Settings:
+def settings() -> ClusterSettings:
     return prepared_settings()
 
 
@@ -28,9 +28,15 @@ def cluster(settings):
     local.down(settings, only=started)
 
 
-def create_key(settings: Settings, owner: str, **options) -> str:
+def create_key(settings: ClusterSettings, owner: str, **options) -> str:
     """A key for `owner` (made if missing), straight through the key store, as the admin CLI does."""
     return asyncio.run(issue_key(settings, owner, "integration tests", **options))
+
+
+@pytest.fixture(scope="session")
+def make_key(settings):
+    """make_key(owner, **limits): a key for `owner` (made if missing), straight through the key store."""
+    return lambda owner, **options: create_key(settings, owner, **options)
 
 
 @pytest.fixture(scope="session")

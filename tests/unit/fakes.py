@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 
-from serve_app.model_contract import EmbeddingBatch, ModelInfo
+from serve_app.auth.credentials import Principal
+from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo
 
 
 def fake_vector(text: str, dims: int) -> np.ndarray:
@@ -192,3 +193,15 @@ class FakeKeyCollection:
         else:
             doc.update(update["$set"])
         return dict(doc)
+
+
+# Who the unit tests' clients are (key lookup itself is tested against a real Redis and in integration).
+CALLER = Principal(
+    key_id="0123456789abcdef",
+    owner="tester",
+    scopes=("infer", "jobs", "admin"),
+    rate_per_s=0,
+    burst=1,
+    max_jobs=0,
+    expires_at=None,
+)

@@ -454,10 +454,10 @@ def test_an_unexpected_failure_says_nothing_of_itself(exc):
 
 @pytest.fixture
 def api(monkeypatch):
-    from serve_app.api import create_app
-    from serve_app.auth import Principal
-    from serve_app.deps import authenticate
-    from serve_app.services import Services
+    from serve_app.auth.credentials import Principal
+    from serve_app.http.api import create_app
+    from serve_app.http.container import Services
+    from serve_app.http.deps import authenticate
     from serve_app.settings import get_settings
     from tests.unit.fakes import FakeModelHandle
 

@@ -1,0 +1,57 @@
+"""The gateway's view of one model deployment: its handle and what it currently serves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo
+from serve_app.errors import ServiceUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class ModelClient:
+    """Calls a model deployment; keeps its info (version, dims) fresh for cache keys."""
+
+    def __init__(self, name: str, handle: DeploymentHandle, *, refresh_s: float, timeout_s: float) -> None:
+        self.name = name
+        self.handle = handle
+        self.refresh_s = refresh_s
+        self.timeout_s = timeout_s
+        self._info: ModelInfo | None = None
+        self._info_at = 0.0
+        self._refreshing = asyncio.Lock()
+
+    async def info(self, *, refresh: bool = False) -> ModelInfo:
+        """What the model serves now; cached for `refresh_s` unless refresh is asked.
+
+        One call refreshes at a time; requests arriving meanwhile share its answer.
+        """
+        asked_at = time.monotonic()
+        if not refresh and self._info is not None and asked_at - self._info_at <= self.refresh_s:
+            return self._info
+        async with self._refreshing:
+            if self._info is None or self._info_at < asked_at:
+                self._info = await self._call("info", timeout_s=min(self.timeout_s, 10.0))
+                self._info_at = time.monotonic()
+            return self._info
+
+    def forget_info(self) -> None:
+        self._info = None
+
+    async def embed(self, texts: list[str]) -> EmbeddingBatch:
+        return await self._call("embed", texts, timeout_s=self.timeout_s)
+
+    async def _call(self, method: str, *args: object, timeout_s: float):
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await getattr(self.handle, method).remote(*args)
+        except TimeoutError as exc:
+            raise ServiceUnavailableError(f"model {self.name!r} did not answer within {timeout_s:g}s") from exc
+        except Exception as exc:  # any failure of the remote replica is the model being unavailable
+            logger.warning("model %s.%s failed: %r", self.name, method, exc)
+            raise ServiceUnavailableError(f"model {self.name!r} is unavailable: {type(exc).__name__}") from exc

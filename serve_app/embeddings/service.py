@@ -1,0 +1,252 @@
+"""Embeddings for the gateway: cached items answered from Redis, only misses sent to the model.
+
+With a WorkMeter (the gateway's requests), a request's misses are priced in estimated tokens and
+charged to its key's work budget before any model work, then sent in model calls of at most
+`call_max_tokens` (and at most the key's in-flight allowance) each, a sliding window of them at a
+time, so a heavy key's work is cut into short forward passes that interleave with everyone else's
+and never holds more than its allowance of the model. Without one (jobs, which pace themselves),
+the misses go in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.embeddings.cache import ResultCache, cache_key, pack, packed_size, unpack
+from serve_app.embeddings.contract import EmbeddingBatch
+from serve_app.embeddings.model_client import ModelClient
+from serve_app.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from serve_app.infra.redis import GuardedRedis
+from serve_app.settings import Settings
+
+if TYPE_CHECKING:
+    from serve_app.auth.work_budget import WorkMeter
+
+DEFAULT_MAX_TOKENS = 256  # the model's own truncation, when it does not say
+# Characters that WordPiece/BPE tokenizers tend to make a token of each: punctuation, symbols,
+# anything not ASCII (CJK, emoji). Counted only in texts short enough for it to matter.
+_ONE_TOKEN_EACH = re.compile(r"[^A-Za-z0-9\s]")
+
+
+def estimate_tokens(text: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
+    """What a text will cost the model, estimated without its tokenizer: a token per 4 characters,
+    plus one per punctuation mark or non-ASCII character, plus [CLS] and [SEP]; at most the
+    model's truncation length (which every text of 4 x max_tokens characters or more reaches)."""
+    chars = len(text)
+    if chars >= 4 * max_tokens:
+        return max_tokens
+    return min(max_tokens, math.ceil(chars / 4) + len(_ONE_TOKEN_EACH.findall(text)) + 2)
+
+
+def split_by_tokens(texts: list[str], costs: list[int], max_tokens: int) -> list[tuple[list[str], int]]:
+    """Consecutive texts grouped into model calls of at most max_tokens (a text bigger alone goes alone)."""
+    calls: list[tuple[list[str], int]] = []
+    current: list[str] = []
+    total = 0
+    for text, cost in zip(texts, costs, strict=True):
+        if current and total + cost > max_tokens:
+            calls.append((current, total))
+            current, total = [], 0
+        current.append(text)
+        total += cost
+    if current:
+        calls.append((current, total))
+    return calls
+
+
+@dataclass(frozen=True)
+class EmbeddingOutcome:
+    model: str
+    version: str
+    vectors: np.ndarray
+    token_counts: list[int]
+    cache_hits: int
+
+
+Computed = dict[str, tuple[np.ndarray, int]]
+
+
+class EmbeddingService:
+    def __init__(self, models: dict[str, ModelClient], cache: ResultCache, *, call_max_tokens: int = 512) -> None:
+        self.models = models
+        self.cache = cache
+        self.call_max_tokens = call_max_tokens
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, handles: dict[str, DeploymentHandle], redis: GuardedRedis
+    ) -> EmbeddingService:
+        """The same service for the gateway and the job workers: a client per model, the Redis cache."""
+        models = {
+            name: ModelClient(name, handle, refresh_s=settings.model_info_refresh_s, timeout_s=settings.model_timeout_s)
+            for name, handle in handles.items()
+        }
+        return cls(models, ResultCache(redis, settings.cache_ttl_s), call_max_tokens=settings.model_call_max_tokens)
+
+    def model(self, name: str) -> ModelClient:
+        try:
+            return self.models[name]
+        except KeyError:
+            served = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFoundError(
+                f"the model {name!r} does not exist; served models: {served}", param="model"
+            ) from None
+
+    async def embed(
+        self,
+        model_name: str,
+        texts: list[str],
+        dimensions: int | None = None,
+        *,
+        meter: WorkMeter | None = None,
+    ) -> EmbeddingOutcome:
+        """Embeddings of texts; with a meter, the misses are charged to its key and paced (see module doc)."""
+        client = self.model(model_name)
+        info = await client.info()
+        if dimensions is not None and dimensions != info.dims:
+            raise InvalidRequestError(
+                f"dimensions={dimensions} is not supported by {model_name!r}, which makes {info.dims}",
+                param="dimensions",
+            )
+        unique = list(dict.fromkeys(texts))
+        version = info.version
+        keys = [cache_key(model_name, version, text) for text in unique]
+        expected_size = packed_size(info.dims)
+        found = {
+            text: unpack(blob)
+            for text, blob in zip(unique, await self.cache.get_many(keys), strict=True)
+            if blob is not None and len(blob) == expected_size  # anything else is not ours: a miss
+        }
+        misses = [text for text in unique if text not in found]
+        results: Computed = dict(found)
+        if misses:
+            max_tokens = info.max_seq_length or DEFAULT_MAX_TOKENS
+            computed, versions = await self._compute(client, misses, max_tokens, meter, charge=True)
+            if versions != {version}:
+                # The model switched version since we last asked: what the cache gave us belongs
+                # to the old one, so the whole request is answered by the new one.
+                client.forget_info()
+                if found or len(versions) > 1:
+                    found = {}
+                    computed, versions = await self._compute(client, unique, max_tokens, meter, charge=False)
+                    if len(versions) > 1:
+                        raise ServiceUnavailableError(f"model {model_name!r} is switching versions; try again")
+                (version,) = versions
+                results = {}
+            results.update(computed)
+        return EmbeddingOutcome(
+            model=model_name,
+            version=version,
+            vectors=np.stack([results[text][0] for text in texts]),
+            token_counts=[results[text][1] for text in texts],
+            cache_hits=sum(1 for text in texts if text in found),
+        )
+
+    async def _compute(
+        self, client: ModelClient, texts: list[str], max_tokens: int, meter: WorkMeter | None, *, charge: bool
+    ) -> tuple[Computed, set[str]]:
+        """Embeddings of texts from the model, cached as they come: (by text, the versions that answered)."""
+        if meter is None or (meter.rate_per_s <= 0 and meter.max_inflight <= 0):
+            batch = await client.embed(texts)
+            await self._store(client.name, texts, batch)
+            return _by_text(texts, batch), {batch.version}
+        costs = [estimate_tokens(text, max_tokens) for text in texts]
+        call_tokens = self.call_max_tokens
+        if meter.max_inflight > 0:
+            call_tokens = min(call_tokens, meter.max_inflight)
+        calls = split_by_tokens(texts, costs, call_tokens)
+        first_lease = await meter.admit(sum(costs), calls[0][1]) if charge else None
+        done: list[tuple[list[str], int, EmbeddingBatch]] = []
+        paid: list[int] = []
+        try:
+            await self._paced(client, calls, meter, first_lease, done, paid)
+        except BaseException:
+            # What the model did not compute is given back (a call never sent, or one that failed); a
+            # call whose caller left is paid for: the model computes it anyway, so disconnecting
+            # must not buy model time for free.
+            if charge:
+                await asyncio.shield(meter.refund(sum(costs) - sum(paid)))
+            raise
+        computed: Computed = {}
+        for call_texts, _, batch in done:
+            computed.update(_by_text(call_texts, batch))
+        return computed, {batch.version for _, _, batch in done}
+
+    async def _paced(
+        self,
+        client: ModelClient,
+        calls: list[tuple[list[str], int]],
+        meter: WorkMeter,
+        first_lease: str | None,
+        done: list[tuple[list[str], int, EmbeddingBatch]],
+        paid: list[int],
+    ) -> None:
+        """Model calls as the key's in-flight allowance admits them, each holding a lease until it ends."""
+
+        async def call(call_texts: list[str], tokens: int, lease: str) -> None:
+            try:
+                batch = await client.embed(call_texts)
+            except asyncio.CancelledError:
+                paid.append(tokens)
+                raise
+            finally:
+                await asyncio.shield(meter.release(lease))
+            paid.append(tokens)
+            done.append((call_texts, tokens, batch))
+            await self._store(client.name, call_texts, batch)
+
+        running: set[asyncio.Task] = set()
+        tokens_of: dict[asyncio.Task, int] = {}
+        loop = asyncio.get_running_loop()
+        waiting_since: float | None = None
+        next_call = 0
+        try:
+            while next_call < len(calls) or running:
+                while next_call < len(calls):
+                    call_texts, tokens = calls[next_call]
+                    held = sum(tokens_of[task] for task in running)
+                    if held and held + tokens > meter.max_inflight > 0:
+                        break  # our own calls fill the allowance (the bound holds here even without Redis)
+                    lease = first_lease if next_call == 0 and first_lease is not None else await meter.lease(tokens)
+                    if lease is None:
+                        break
+                    task = asyncio.create_task(call(call_texts, tokens, lease))
+                    running.add(task)
+                    tokens_of[task] = tokens
+                    next_call += 1
+                    waiting_since = None
+                if running:  # our own calls hold the allowance: the next one ends frees some
+                    finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    failures = [task.exception() for task in finished if task.exception() is not None]
+                    if failures:  # a failed call fails the request
+                        raise failures[0]
+                elif next_call < len(calls):  # the key's other requests hold it: wait, within a bound
+                    waiting_since = waiting_since or loop.time()
+                    waited = loop.time() - waiting_since
+                    if waited >= meter.wait_s:
+                        raise meter.busy()
+                    await meter.wait(waited)
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _store(self, model_name: str, texts: list[str], batch: EmbeddingBatch) -> None:
+        await self.cache.put_many(
+            {
+                cache_key(model_name, batch.version, text): pack(batch.vectors[i], batch.token_counts[i])
+                for i, text in enumerate(texts)
+            }
+        )
+
+
+def _by_text(texts: list[str], batch: EmbeddingBatch) -> Computed:
+    return {text: (batch.vectors[i], batch.token_counts[i]) for i, text in enumerate(texts)}

@@ -1,0 +1,71 @@
+"""POST /v1/embeddings."""
+
+from __future__ import annotations
+
+import base64
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from serve_app.errors import RateLimitError
+from serve_app.http.deps import EmbeddingServiceDep, InferCallerDep, ServicesDep, require_infer
+from serve_app.http.routes import AUTH_ERRORS
+from serve_app.http.schemas import Embedding, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Usage
+
+router = APIRouter(tags=["embeddings"], dependencies=[Depends(require_infer)], responses=AUTH_ERRORS)
+
+CACHE_HITS_HEADER = "X-Cache-Hits"
+MODEL_VERSION_HEADER = "X-Model-Version"
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingResponse,
+    responses={
+        404: {"model": ErrorResponse},
+        400: {"model": ErrorResponse},
+        429: {"model": ErrorResponse, "description": "Over the key's request rate, work budget or in-flight work."},
+        503: {"model": ErrorResponse},
+    },
+)
+async def create_embeddings(
+    body: EmbeddingRequest,
+    request: Request,
+    service: EmbeddingServiceDep,
+    services: ServicesDep,
+    caller: InferCallerDep,
+) -> Response:
+    """Embeddings of one text or a list of texts, OpenAI-compatible; cached items are not recomputed.
+
+    Cache misses are charged to the key's work budget (estimated tokens) before any model work:
+    over it, a 429 with Retry-After and x-ratelimit-*-tokens.
+    """
+    texts = body.texts
+    history = {"model": body.model, "items": len(texts)}
+    request.state.history = history
+    limit_headers: dict[str, str] = dict(getattr(request.state, "ratelimit_headers", {}))
+    meter = services.work.meter(caller)
+    try:
+        outcome = await service.embed(body.model, texts, body.dimensions, meter=meter)
+    except RateLimitError as exc:
+        exc.headers = {**limit_headers, **(exc.headers or {})}
+        raise
+    finally:
+        if meter.charged:
+            history["work_tokens"] = meter.charged
+    history.update(version=outcome.version, cache_hits=outcome.cache_hits)
+    limit_headers.update(meter.headers)
+    if body.encoding_format == "base64":
+        encoded = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode() for v in outcome.vectors]
+    else:
+        encoded = outcome.vectors.tolist()
+    tokens = sum(outcome.token_counts)
+    payload = EmbeddingResponse(
+        data=[Embedding(index=i, embedding=e) for i, e in enumerate(encoded)],
+        model=outcome.model,
+        usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+    )
+    return Response(
+        content=payload.model_dump_json(),
+        media_type="application/json",
+        headers={CACHE_HITS_HEADER: str(outcome.cache_hits), MODEL_VERSION_HEADER: outcome.version, **limit_headers},
+    )

@@ -1,0 +1,184 @@
+"""What a job worker does with one delivery of one job.
+
+Idempotent by job id: a job already ended is acknowledged without work; results are written
+under the job's id, so a redelivered job overwrites its own result and never adds another.
+Work goes to the model in chunks through the same embedding service as synchronous requests
+(cache reuse, the model's batching), with progress recorded and cancellation checked as chunks finish
+(at most every PROGRESS_INTERVAL_S).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve_app.embeddings.service import EmbeddingOutcome, EmbeddingService
+from serve_app.errors import APIError
+from serve_app.jobs.objects import InputError, JobObjects, ObjectRef, parse_text_lines
+from serve_app.jobs.queue import Disposition
+from serve_app.jobs.store import JobEnded, JobMissing, JobStatus, JobStore, LeaseHeld
+from serve_app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.5
+
+
+class JobCancelled(Exception):
+    """The job was cancelled while running."""
+
+
+class LeaseLost(Exception):
+    """This delivery's lease lapsed and another delivery has the job now."""
+
+
+@dataclass(frozen=True)
+class Settlement:
+    disposition: Disposition
+    delay_s: float = 0.0
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, store: JobStore, embeddings: EmbeddingService, objects: JobObjects) -> None:
+        self.settings = settings
+        self.store = store
+        self.embeddings = embeddings
+        self.objects = objects
+        self.worker = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    async def run(self, job_id: str) -> Settlement:
+        """Claim the job, compute it, store its result, end it: one forward path, each step one write."""
+        lease = uuid.uuid4().hex
+        try:
+            job = await self.store.claim(job_id, self.worker, lease)
+        except JobMissing:
+            logger.error("message for unknown job %s dead-lettered", job_id)
+            return Settlement(Disposition.DEAD)
+        except JobEnded:
+            return Settlement(Disposition.ACK)  # a redelivery of a job already ended
+        except LeaseHeld as held:
+            # Another delivery is working on it (a redelivery after a connection loss): look again later.
+            return Settlement(Disposition.RETRY, held.remaining_s + 0.5)
+        if job.get("cancel_requested"):  # asked while its last worker held it: end it, do no work
+            await self.store.finish(job_id, JobStatus.CANCELLED, lease_owner=lease)
+            return Settlement(Disposition.ACK)
+        if job["attempts"] > self.settings.job_max_attempts:
+            return await self._give_up(job)
+        try:
+            texts = await self._texts(job)
+            vectors, tokens, version = await self._embed(job_id, lease, job["model"], texts)
+            result = await self._store_result(job_id, vectors, tokens, version)
+        except JobCancelled:
+            await self.store.finish(job_id, JobStatus.CANCELLED, lease_owner=lease)
+            return Settlement(Disposition.ACK)
+        except LeaseLost:
+            return Settlement(Disposition.ACK)  # the job is in the hands of the delivery that took it
+        except (InputError, APIError) as exc:
+            # The job itself is wrong (bad input, a model no longer served): no retry helps.
+            if isinstance(exc, APIError) and exc.status_code >= 500:
+                return await self._retry_later(job, lease, exc)
+            await self.store.finish(
+                job_id, JobStatus.FAILED, lease_owner=lease, error={"type": "invalid_input", "message": str(exc)}
+            )
+            return Settlement(Disposition.ACK)
+        except Exception as exc:  # anything else may pass: retry, within the bound
+            return await self._retry_later(job, lease, exc)
+        await self.store.finish(job_id, JobStatus.SUCCEEDED, lease_owner=lease, result=result)
+        return Settlement(Disposition.ACK)
+
+    async def _retry_later(self, job: dict, lease: str, exc: Exception) -> Settlement:
+        message = f"{type(exc).__name__}: {exc}"
+        logger.warning("job %s attempt %d failed: %s", job["_id"], job["attempts"], message)
+        await self.store.release(job["_id"], lease, message)
+        if job["attempts"] >= self.settings.job_max_attempts:
+            return await self._give_up({**job, "last_error": message})
+        return Settlement(Disposition.RETRY, self.settings.job_retry_delay_s * 2 ** (job["attempts"] - 1))
+
+    async def _give_up(self, job: dict) -> Settlement:
+        attempts = self.settings.job_max_attempts
+        reason = f"gave up after {attempts} attempts; last error: {job.get('last_error') or 'the worker stopped'}"
+        await self.store.finish(job["_id"], JobStatus.FAILED, error={"type": "attempts_exhausted", "message": reason})
+        return Settlement(Disposition.DEAD)
+
+    async def _texts(self, job: dict) -> list[str]:
+        source = job["input"]
+        if source["kind"] == "inline":
+            texts = await self.store.inline_texts(job["_id"])
+            if texts is None:
+                raise InputError("the job's inline input is missing")
+            return texts
+        ref = ObjectRef.parse(source["url"])
+        await asyncio.to_thread(self.objects.check_input, ref)
+        return await asyncio.to_thread(
+            lambda: parse_text_lines(
+                # A JSON-escaped text of max_text_chars characters fits in 12 bytes a character.
+                self.objects.read_lines(ref, max_line_bytes=12 * self.settings.max_text_chars + 64),
+                max_items=self.settings.job_max_items,
+                max_chars=self.settings.max_text_chars,
+            )
+        )
+
+    async def _embed(self, job_id: str, lease: str, model: str, texts: list[str]) -> tuple[np.ndarray, list[int], str]:
+        """Chunks to the model with a sliding window of `job_parallel_chunks` in flight, so the
+        model never waits on this job; progress (and the cancel check) at most every half second."""
+        size = self.settings.job_chunk_size
+        chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+        window = asyncio.Semaphore(self.settings.job_parallel_chunks)
+        done = 0
+        last_report = time.monotonic()
+        cancelled = False
+        await self._progress(job_id, lease, 0, len(texts))
+
+        async def one(chunk: list[str]) -> EmbeddingOutcome:
+            nonlocal done, last_report, cancelled
+            async with window:
+                if cancelled:
+                    raise JobCancelled
+                outcome = await self.embeddings.embed(model, chunk)
+                done += len(chunk)
+                if time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
+                    last_report = time.monotonic()
+                    if await self.store.cancel_requested(job_id):
+                        cancelled = True
+                        raise JobCancelled
+                    await self._progress(job_id, lease, done, len(texts))
+                return outcome
+
+        tasks = [asyncio.ensure_future(one(chunk)) for chunk in chunks]
+        try:
+            outcomes = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        await self._progress(job_id, lease, len(texts), len(texts))
+        versions = {outcome.version for outcome in outcomes}
+        if len(versions) > 1:
+            raise RuntimeError(f"the model changed version during the job ({sorted(versions)}); retrying")
+        tokens = [n for outcome in outcomes for n in outcome.token_counts]
+        return np.concatenate([outcome.vectors for outcome in outcomes]), tokens, versions.pop()
+
+    async def _progress(self, job_id: str, lease: str, done: int, total: int) -> None:
+        if not await self.store.record_progress(job_id, lease, done, total):
+            raise LeaseLost
+
+    async def _store_result(self, job_id: str, vectors: np.ndarray, tokens: list[int], version: str) -> dict:
+        result = {
+            "count": len(tokens),
+            "dims": int(vectors.shape[1]),
+            "version": version,
+            "prompt_tokens": int(sum(tokens)),
+        }
+        if len(tokens) <= self.settings.job_inline_result_max_items:
+            await self.store.save_inline_result(job_id, version, vectors, tokens)
+            return {**result, "kind": "inline"}
+        ref, size = await asyncio.to_thread(self.objects.write_result, job_id, vectors, tokens)
+        return {**result, "kind": "object", "url": ref.url, "bytes": size}

@@ -1,0 +1,18 @@
+import numpy as np
+
+from serve_app.embeddings.cache import cache_key, pack, unpack
+
+
+def test_pack_round_trips_vector_and_tokens():
+    vector = np.linspace(-1, 1, 384, dtype=np.float32)
+    restored, tokens = unpack(pack(vector, 17))
+    assert tokens == 17
+    assert restored.dtype == np.float32
+    np.testing.assert_array_equal(restored, vector)
+
+
+def test_key_depends_on_model_version_and_exact_text():
+    base = cache_key("m", "1", "text")
+    assert base == cache_key("m", "1", "text")
+    assert len({base, cache_key("m", "2", "text"), cache_key("n", "1", "text"), cache_key("m", "1", "text ")}) == 4
+    assert base.startswith("emb:m:1:")

@@ -1,0 +1,68 @@
+import asyncio
+
+import numpy as np
+import pytest
+
+from serve_app.embeddings.model_client import ModelClient
+from serve_app.embeddings.service import EmbeddingService
+from serve_app.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from tests.unit.fakes import DictCache, FakeModelHandle, fake_vector
+
+
+def make_service(handle: FakeModelHandle, cache: DictCache) -> EmbeddingService:
+    client = ModelClient(handle.name, handle, refresh_s=60, timeout_s=5)
+    return EmbeddingService({handle.name: client}, cache)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_only_unseen_texts_reach_the_model():
+    handle, cache = FakeModelHandle(), DictCache()
+    service = make_service(handle, cache)
+    seen = [f"seen {i}" for i in range(7)]
+    run(service.embed(handle.name, seen))
+    texts = [*seen, "new a", "new b", "new c"]
+    outcome = run(service.embed(handle.name, texts))
+    assert outcome.cache_hits == 7
+    assert handle.embedded[-1] == ["new a", "new b", "new c"]
+    for i, text in enumerate(texts):
+        np.testing.assert_allclose(outcome.vectors[i], fake_vector("1" + text, handle.dims))
+
+
+def test_duplicates_within_a_request_are_computed_once_and_kept_in_order():
+    handle, cache = FakeModelHandle(), DictCache()
+    outcome = run(make_service(handle, cache).embed(handle.name, ["a", "b", "a"]))
+    assert handle.embedded == [["a", "b"]]
+    np.testing.assert_array_equal(outcome.vectors[0], outcome.vectors[2])
+    assert outcome.token_counts == [3, 3, 3]
+    assert outcome.cache_hits == 0
+
+
+def test_a_version_switch_never_mixes_versions_in_one_answer():
+    handle, cache = FakeModelHandle(), DictCache()
+    service = make_service(handle, cache)
+    run(service.embed(handle.name, ["old"]))
+    handle.version = "2"  # the model switched; the gateway still believes version 1
+    outcome = run(service.embed(handle.name, ["old", "fresh"]))
+    assert outcome.version == "2"
+    assert outcome.cache_hits == 0
+    np.testing.assert_allclose(outcome.vectors[0], fake_vector("2old", handle.dims))
+
+
+def test_unknown_model_and_wrong_dimensions_are_client_errors():
+    handle = FakeModelHandle()
+    service = make_service(handle, DictCache())
+    with pytest.raises(ModelNotFoundError, match="served models: fake-model"):
+        run(service.embed("other", ["x"]))
+    with pytest.raises(InvalidRequestError, match="makes 8"):
+        run(service.embed(handle.name, ["x"], dimensions=3))
+    assert run(service.embed(handle.name, ["x"], dimensions=8)).vectors.shape == (1, 8)
+
+
+def test_a_failing_model_is_service_unavailable():
+    handle = FakeModelHandle()
+    handle.fail = True
+    with pytest.raises(ServiceUnavailableError, match="unavailable"):
+        run(make_service(handle, DictCache()).embed(handle.name, ["x"]))
