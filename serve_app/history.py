@@ -111,14 +111,17 @@ class HistoryWriter:
         await self.collection.create_index([("owner", ASCENDING), ("_id", DESCENDING)], name="owner_newest")
         self._indexes_ready = True
 
-    async def page(self, owner: str, *, limit: int, before: str | None) -> list[dict]:
-        """One owner's records, newest first, older than the record `before` (an id) if given."""
+    async def page(self, owner: str, *, limit: int, before: str | None) -> tuple[list[dict], str | None]:
+        """A page of one owner's records, newest first, older than the record `before` (an id) if
+        given: (the records, the cursor of the next page or None)."""
         query: dict = {"owner": owner}
         if before is not None:
             if not ObjectId.is_valid(before):
-                return []
+                return [], None
             query["_id"] = {"$lt": ObjectId(before)}
-        return await self.collection.find(query).sort("_id", DESCENDING).limit(limit).to_list(limit)
+        docs = await self.collection.find(query).sort("_id", DESCENDING).limit(limit + 1).to_list(limit + 1)
+        page = docs[:limit]
+        return page, str(page[-1]["_id"]) if len(docs) > limit else None
 
     async def flush(self) -> bool:
         """Write up to one batch; False if MongoDB was unreachable (the batch is kept for later)."""

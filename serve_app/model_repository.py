@@ -158,13 +158,6 @@ class ModelRepository:
             response.close()
             response.release_conn()
 
-    def _has_manifest(self, name: str, version: str) -> bool:
-        try:
-            self.client.stat_object(self.bucket, f"{name}/{version}/{MANIFEST}")
-        except S3Error:
-            return False
-        return True
-
     def fetch(self, name: str, version: str, cache_root: Path) -> tuple[Path, Manifest]:
         """Make cache_root/name/version hold the verified files; one download per node.
 

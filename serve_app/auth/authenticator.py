@@ -97,10 +97,6 @@ end
 return last
 """
 
-# A key's in-flight allowance: a sorted set of leases '<tokens>:<id>' scored by their deadline, so
-# a lease a crashed gateway never released lapses on its own. A lease is granted if it fits under
-# the cap, or if the key holds none (a model call bigger than the cap still goes, alone).
-
 
 class Authenticator:
     """Turns a presented credential into a Principal, applying the key's rate limit."""

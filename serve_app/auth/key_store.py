@@ -40,7 +40,7 @@ from serve_app.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from serve_app.infra.mongo import mongo_client
+from serve_app.infra.clients import Clients
 from serve_app.infra.redis import GuardedRedis
 from serve_app.outbound import new_secret as new_callback_secret
 from serve_app.settings import Settings
@@ -343,13 +343,11 @@ def refusal(doc: dict | None) -> str | None:
 @asynccontextmanager
 async def open_key_store(settings: Settings) -> AsyncIterator[KeyStore]:
     """A key store with its own clients, for processes outside the gateway (the admin CLI, the bring-up, tests)."""
-    redis = GuardedRedis.from_settings(settings)
-    mongo = mongo_client(settings)
+    clients = Clients.from_settings(settings)
     try:
-        yield KeyStore(mongo[settings.mongo_db], redis, settings)
+        yield KeyStore(clients.db, clients.redis, settings)
     finally:
-        await redis.close()
-        await mongo.close()
+        await clients.close()
 
 
 async def issue_key(settings: Settings, owner: str, description: str, **options: object) -> str:

@@ -21,6 +21,9 @@ from serve_app.settings import Settings
 
 INFLIGHT_POLL_S = (0.01, 0.1)  # a request waiting for its key's in-flight allowance polls this often
 
+# A key's in-flight allowance: a sorted set of leases '<tokens>:<id>' scored by their deadline, so
+# a lease a crashed gateway never released lapses on its own. A lease is granted if it fits under
+# the cap, or if the key holds none (a model call bigger than the cap still goes, alone).
 _LEASE_FN = """
 local function lease(key, member, amount, cap, ttl, now)
   if cap <= 0 then return 1 end

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.auth.accounts import Accounts
 from serve_app.auth.authenticator import Authenticator
 from serve_app.auth.key_store import KeyStore
 from serve_app.auth.sessions import Sessions
@@ -40,6 +41,7 @@ class Services:
     embeddings: EmbeddingService
     jobs: JobService
     keys: KeyStore
+    accounts: Accounts
     auth: Authenticator
     sessions: Sessions
     work: WorkBudget
@@ -68,6 +70,7 @@ class Services:
             embeddings=embeddings,
             jobs=JobService.from_settings(settings, clients, embeddings, keys),
             keys=keys,
+            accounts=Accounts(keys),
             auth=Authenticator(settings, keys, clients.redis),
             sessions=Sessions(settings, keys, clients.redis),
             work=WorkBudget(settings, clients.redis),

@@ -13,6 +13,7 @@ from fastapi import Depends, Request, Response, Security
 from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from serve_app.auth.credentials import Principal
+from serve_app.auth.work_budget import WorkMeter
 from serve_app.embeddings.service import EmbeddingService
 from serve_app.http.container import Services
 from serve_app.jobs.service import JobService
@@ -65,6 +66,11 @@ async def authenticate(
     return principal
 
 
+async def work_meter(request: Request, principal: Annotated[Principal, Depends(authenticate)]) -> WorkMeter:
+    """This request's share of its key's work budget (what its cache misses may cost the model)."""
+    return request.app.state.services.work.meter(principal)
+
+
 def _scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
     async def require(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
         return principal.require(scope)
@@ -84,3 +90,4 @@ CallerDep = Annotated[Principal, Depends(authenticate)]
 InferCallerDep = Annotated[Principal, Depends(require_infer)]
 JobsCallerDep = Annotated[Principal, Depends(require_jobs)]
 CredentialDep = Annotated[str | None, Depends(presented_credential)]
+WorkMeterDep = Annotated[WorkMeter, Depends(work_meter)]

@@ -121,7 +121,8 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-JobStatusName = JobStatus  # the one vocabulary of job states (serve_app/jobs/store.py)
+# The one vocabulary of job states is JobStatus (serve_app/jobs/store.py); a Literal keeps the schema inline.
+JobStatusName = Literal[tuple(status.value for status in JobStatus)]  # type: ignore[valid-type]
 
 
 class JobRequest(BaseModel):

@@ -23,7 +23,7 @@ from serve_app.embeddings.service import EmbeddingOutcome, EmbeddingService
 from serve_app.errors import APIError
 from serve_app.jobs.objects import InputError, JobObjects, ObjectRef, parse_text_lines
 from serve_app.jobs.queue import Disposition
-from serve_app.jobs.store import JobEnded, JobMissing, JobStatus, JobStore, LeaseHeld
+from serve_app.jobs.store import CancelRequested, JobEnded, JobMissing, JobStatus, JobStore, LeaseHeld
 from serve_app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -63,12 +63,12 @@ class JobRunner:
             return Settlement(Disposition.DEAD)
         except JobEnded:
             return Settlement(Disposition.ACK)  # a redelivery of a job already ended
+        except CancelRequested:
+            await self.store.finish(job_id, JobStatus.CANCELLED)
+            return Settlement(Disposition.ACK)
         except LeaseHeld as held:
             # Another delivery is working on it (a redelivery after a connection loss): look again later.
             return Settlement(Disposition.RETRY, held.remaining_s + 0.5)
-        if job.get("cancel_requested"):  # asked while its last worker held it: end it, do no work
-            await self.store.finish(job_id, JobStatus.CANCELLED, lease_owner=lease)
-            return Settlement(Disposition.ACK)
         if job["attempts"] > self.settings.job_max_attempts:
             return await self._give_up(job)
         try:

@@ -6,6 +6,7 @@ cached status, so a poll never sees a status older than MongoDB's by more than t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -15,6 +16,7 @@ import numpy as np
 from bson import Binary, ObjectId
 from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from serve_app.infra.redis import GuardedRedis
 from serve_app.jobs.quota import JobQuota
@@ -32,6 +34,7 @@ class JobStatus(StrEnum):
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 ACTIVE_STATUS_TTL_S = 2
+IDEMPOTENCY_TTL_S = 24 * 3600  # an Idempotency-Key names its job this long
 
 
 class NotClaimed(Exception):
@@ -44,6 +47,10 @@ class JobMissing(NotClaimed):
 
 class JobEnded(NotClaimed):
     """The job has already ended (a redelivery, or cancelled while queued)."""
+
+
+class CancelRequested(NotClaimed):
+    """The job was asked to cancel and is not running anywhere now: end it, do no work."""
 
 
 class LeaseHeld(NotClaimed):
@@ -112,6 +119,7 @@ class JobStore:
         self.jobs = db["jobs"]
         self.inputs = db["job_inputs"]
         self.results = db["job_results"]
+        self.idempotency = db["job_idempotency_keys"]
         self.redis = redis
         self.quota = JobQuota(redis)
         self.status_ttl_s = settings.job_status_ttl_s
@@ -127,6 +135,9 @@ class JobStore:
         )
         await self.jobs.create_index(
             [("callback.status", ASCENDING), ("callback.next_attempt_at", ASCENDING)], name="callbacks_due"
+        )
+        await self.idempotency.create_index(
+            [("created_at", ASCENDING)], name="expire", expireAfterSeconds=IDEMPOTENCY_TTL_S
         )
 
     # -- the status cache -------------------------------------------------------------------
@@ -189,6 +200,29 @@ class JobStore:
         await self.jobs.insert_one(doc)
         return await self._cache(doc) or doc
 
+    async def claim_idempotency_key(self, owner: str, key: str, job_id: str, fingerprint: str) -> dict | None:
+        """Take an idempotency key for job_id: None if taken now, else the earlier claim.
+
+        A claim older than IDEMPOTENCY_TTL_S is replaced (MongoDB's TTL monitor deletes them too,
+        but only once a minute).
+        """
+        ident = {"_id": f"{owner}\x00{hashlib.sha256(key.encode()).hexdigest()}"}
+        claim = {**ident, "job_id": job_id, "fingerprint": fingerprint, "created_at": now()}
+        try:
+            await self.idempotency.insert_one(claim)
+            return None
+        except DuplicateKeyError:
+            existing = await self.idempotency.find_one(ident)
+        if existing is None or _aware(existing["created_at"]) < now() - timedelta(seconds=IDEMPOTENCY_TTL_S):
+            await self.idempotency.replace_one(ident, claim, upsert=True)
+            return None
+        return existing
+
+    async def release_idempotency_key(self, owner: str, key: str, job_id: str) -> None:
+        """Free a key whose job was not accepted (only if it still names that job)."""
+        ident = f"{owner}\x00{hashlib.sha256(key.encode()).hexdigest()}"
+        await self.idempotency.delete_one({"_id": ident, "job_id": job_id})
+
     async def mark_published(self, job_id: str) -> None:
         await self.jobs.update_one({"_id": job_id, "published_at": None}, {"$set": {"published_at": now()}})
 
@@ -220,13 +254,16 @@ class JobStore:
         """Lease a job to this delivery and count the attempt, in one conditional update.
 
         A queued job, or a running one whose lease has lapsed (its worker died), is claimed: the
-        job as it is now. Otherwise one read says why not: JobMissing, JobEnded, or LeaseHeld
-        (another delivery is working on it, for how long).
+        job as it is now. Otherwise one read says why not: JobMissing, JobEnded, CancelRequested
+        (asked to cancel: to be ended, whoever holds it), or LeaseHeld (another delivery is working
+        on it, for how long).
         """
         current = now()
+        lease = {"owner": lease_owner, "until": current + timedelta(seconds=self.lease_s)}
         doc = await self._update(
             {
                 "_id": job_id,
+                "cancel_requested": {"$ne": True},
                 "$or": [
                     {"status": JobStatus.QUEUED},
                     {"status": JobStatus.RUNNING, "lease.until": {"$not": {"$gt": current}}},
@@ -237,7 +274,7 @@ class JobStore:
                     "$set": {
                         "status": JobStatus.RUNNING.value,
                         "worker": {"$literal": worker},
-                        "lease": {"owner": lease_owner, "until": current + timedelta(seconds=self.lease_s)},
+                        "lease": {"$literal": lease},
                         "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]},
                         "started_at": {"$ifNull": ["$started_at", current]},
                     }
@@ -246,11 +283,13 @@ class JobStore:
         )
         if doc is not None:
             return doc
-        existing = await self.jobs.find_one({"_id": job_id}, {"status": 1, "lease": 1})
+        existing = await self.jobs.find_one({"_id": job_id}, {"status": 1, "lease": 1, "cancel_requested": 1})
         if existing is None:
             raise JobMissing(job_id)
         if existing["status"] in TERMINAL:
             raise JobEnded(job_id)
+        if existing.get("cancel_requested"):
+            raise CancelRequested(job_id)
         until = existing.get("lease", {}).get("until")
         raise LeaseHeld(max(0.5, (_aware(until) - now()).total_seconds()) if until else self.lease_s)
 

@@ -122,9 +122,15 @@ class ReceiverNamespace:
             _ip(*inside, "link", "set", self.inner_link, "up")
             _ip(*inside, "link", "set", "lo", "up")
             self.log_path.touch()
-            argv = [sys.executable, str(Path(__file__).resolve()), "--host", RECEIVER_ADDRESS, "--log"]
+            # As a module from the repository root: run as a script, its folder would come first on
+            # sys.path, and the tests' own http/ package would hide the standard library's.
+            argv = [sys.executable, "-m", "tests.integration.callback_receiver", "--host", RECEIVER_ADDRESS, "--log"]
             argv += [str(self.log_path), *(arg for port in self.ports for arg in ("--port", str(port)))]
-            self.process = subprocess.Popen(["ip", "netns", "exec", self.name, *argv], stdout=subprocess.PIPE)
+            self.process = subprocess.Popen(
+                ["ip", "netns", "exec", self.name, *argv],
+                stdout=subprocess.PIPE,
+                cwd=Path(__file__).resolve().parents[2],
+            )
             self._wait_until_reachable()
         except BaseException:
             self.stop()

@@ -1,4 +1,6 @@
-"""Users and API keys, for keys with the `admin` scope (the CLI does the same: python -m serve_app.admin)."""
+"""Users and API keys, for keys with the `admin` scope (the CLI does the same: python -m serve_app.admin).
+
+Each route calls Accounts (serve_app/auth/accounts.py)."""
 
 from __future__ import annotations
 
@@ -34,62 +36,27 @@ UserName = Annotated[str, Path(pattern=USER_NAME_PATTERN)]
 KeyId = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$")]
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-def user_view(doc: dict) -> User:
-    return User(
-        name=doc["_id"],
-        description=doc.get("description"),
-        created_at=_iso(doc["created_at"]) or "",
-        disabled=bool(doc.get("disabled")),
-        disabled_at=_iso(doc.get("disabled_at")),
-    )
-
-
-def key_view(doc: dict) -> KeyInfo:
-    return KeyInfo(
-        id=doc["_id"],
-        prefix=doc["prefix"],
-        owner=doc["owner"],
-        name=doc.get("name"),
-        scopes=doc["scopes"],
-        created_at=_iso(doc["created_at"]) or "",
-        last_used_at=_iso(doc.get("last_used_at")),
-        expires_at=_iso(doc.get("expires_at")),
-        revoked=doc["revoked"],
-        revoked_at=_iso(doc.get("revoked_at")),
-        rate_limit_per_s=doc.get("rate_per_s"),
-        burst=doc.get("burst"),
-        max_concurrent_jobs=doc.get("max_jobs"),
-        token_rate_per_s=doc.get("token_rate_per_s"),
-        token_burst=doc.get("token_burst"),
-        max_inflight_tokens=doc.get("max_inflight_tokens"),
-    )
-
-
 @router.post("/users", response_model=User, status_code=201, responses={400: {"model": ErrorResponse}})
 async def create_user(body: UserCreate, services: ServicesDep) -> User:
     """A new user (a tenant): its keys, jobs and history are its own."""
-    return user_view(await services.keys.create_user(body.name, body.description))
+    return User(**await services.accounts.create_user(body.name, body.description))
 
 
 @router.get("/users", response_model=UserList)
 async def list_users(services: ServicesDep) -> UserList:
-    return UserList(data=[user_view(d) for d in await services.keys.list_users()])
+    return UserList(data=[User(**u) for u in await services.accounts.list_users()])
 
 
 @router.delete("/users/{name}", response_model=User)
 async def disable_user(name: UserName, services: ServicesDep) -> User:
     """Disable a user and revoke all its keys (their sessions end too)."""
-    return user_view(await services.keys.disable_user(name))
+    return User(**await services.accounts.disable_user(name))
 
 
 @router.post("/keys", response_model=CreatedKey, status_code=201, responses={400: {"model": ErrorResponse}})
 async def create_key(body: KeyCreate, services: ServicesDep) -> CreatedKey:
     """A new API key. The key is in this answer only; MongoDB keeps its hash."""
-    key, doc = await services.keys.create_key(
+    key, view = await services.accounts.create_key(
         body.owner,
         name=body.name,
         scopes=body.scopes,
@@ -101,7 +68,7 @@ async def create_key(body: KeyCreate, services: ServicesDep) -> CreatedKey:
         token_burst=body.token_burst,
         max_inflight_tokens=body.max_inflight_tokens,
     )
-    return CreatedKey(key=key, **key_view(doc).model_dump(exclude={"object"}))
+    return CreatedKey(key=key, **view)
 
 
 @router.get("/keys", response_model=KeyList)
@@ -109,22 +76,22 @@ async def list_keys(
     services: ServicesDep, owner: Annotated[str | None, Query(pattern=USER_NAME_PATTERN)] = None
 ) -> KeyList:
     """Keys, without their secrets; of one user if `owner` is given."""
-    return KeyList(data=[key_view(d) for d in await services.keys.list_keys(owner)])
+    return KeyList(data=[KeyInfo(**k) for k in await services.accounts.list_keys(owner)])
 
 
 @router.get("/keys/{key_id}", response_model=KeyInfo)
 async def get_key(key_id: KeyId, services: ServicesDep) -> KeyInfo:
-    return key_view(await services.keys.get_key(key_id))
+    return KeyInfo(**await services.accounts.get_key(key_id))
 
 
 @router.delete("/keys/{key_id}", response_model=KeyInfo)
 async def revoke_key(key_id: KeyId, services: ServicesDep) -> KeyInfo:
     """Revoke a key now: its cached lookup and its sessions are dropped."""
-    return key_view(await services.keys.revoke_key(key_id))
+    return KeyInfo(**await services.accounts.revoke_key(key_id))
 
 
 @router.post("/keys/{key_id}/rotate", response_model=RotatedKey, status_code=201)
 async def rotate_key(key_id: KeyId, body: KeyRotate, services: ServicesDep) -> RotatedKey:
     """A new key with the same owner, scopes and limits; the old one expires after `grace_s`."""
-    key, new, old = await services.keys.rotate_key(key_id, body.grace_s)
-    return RotatedKey(key=key, new=key_view(new), old=key_view(old))
+    key, new, old = await services.accounts.rotate_key(key_id, body.grace_s)
+    return RotatedKey(key=key, new=KeyInfo(**new), old=KeyInfo(**old))

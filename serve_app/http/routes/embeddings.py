@@ -7,7 +7,7 @@ import base64
 from fastapi import APIRouter, Depends, Request, Response
 
 from serve_app.errors import RateLimitError
-from serve_app.http.deps import EmbeddingServiceDep, InferCallerDep, ServicesDep, require_infer
+from serve_app.http.deps import EmbeddingServiceDep, WorkMeterDep, require_infer
 from serve_app.http.routes import AUTH_ERRORS
 from serve_app.http.schemas import Embedding, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Usage
 
@@ -31,8 +31,7 @@ async def create_embeddings(
     body: EmbeddingRequest,
     request: Request,
     service: EmbeddingServiceDep,
-    services: ServicesDep,
-    caller: InferCallerDep,
+    meter: WorkMeterDep,
 ) -> Response:
     """Embeddings of one text or a list of texts, OpenAI-compatible; cached items are not recomputed.
 
@@ -43,7 +42,6 @@ async def create_embeddings(
     history = {"model": body.model, "items": len(texts)}
     request.state.history = history
     limit_headers: dict[str, str] = dict(getattr(request.state, "ratelimit_headers", {}))
-    meter = services.work.meter(caller)
     try:
         outcome = await service.embed(body.model, texts, body.dimensions, meter=meter)
     except RateLimitError as exc:

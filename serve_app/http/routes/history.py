@@ -23,9 +23,8 @@ async def list_history(
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> HistoryList:
     """The caller's (its user's) POST requests, newest first; they are written within a second or so."""
-    docs = await services.history.page(caller.owner, limit=limit + 1, before=cursor)
-    page = docs[:limit]
+    page, next_cursor = await services.history.page(caller.owner, limit=limit, before=cursor)
     return HistoryList(
         data=[HistoryRecord(ts=d["ts"].isoformat(), **{k: v for k, v in d.items() if k in _FIELDS}) for d in page],
-        next_cursor=str(page[-1]["_id"]) if len(docs) > limit else None,
+        next_cursor=next_cursor,
     )

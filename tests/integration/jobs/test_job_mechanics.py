@@ -261,3 +261,27 @@ def test_a_claim_is_one_update_that_starts_a_job_once_and_says_why_it_refused(se
     assert second["started_at"] == first["started_at"], "a takeover is not a new start"
     assert second["lease"]["owner"] == "second-delivery"
     assert second["worker"] == {"host": "two"}
+
+
+def test_a_job_asked_to_cancel_is_ended_at_its_next_delivery_even_while_another_holds_it(settings):
+    """A redelivery of a job whose worker died after a cancel request ends it at once: no claim, no
+    attempt counted, no wait for the dead worker's lease."""
+
+    async def scenario():
+        embeddings = WorkingEmbeddings()
+        runner, store, doc, clients = _runner_and_job(settings, embeddings)
+        await store.create(doc, ["a", "b", "c"])
+        await store.claim(doc["_id"], {"host": "died"}, "the-dead-delivery")
+        await store.request_cancel(doc["_id"], "test")
+        settlement = await runner.run(doc["_id"])
+        job = await store.get(doc["_id"])
+        for client in clients:
+            await client.close()
+        return settlement, job, embeddings.calls
+
+    settlement, job, calls = asyncio.run(scenario())
+    assert settlement.disposition == Disposition.ACK
+    assert job["status"] == JobStatus.CANCELLED
+    assert job["attempts"] == 1
+    assert job["worker"] == {"host": "died"}
+    assert calls == 0
