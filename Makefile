@@ -29,8 +29,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
-up: install  ## bring the whole cluster up and serve (safe to run twice)
-	$(PY) -m cluster up
+up: install  ## bring the whole cluster up and serve (safe to run twice); WORKERS=N adds N Ray worker nodes
+	$(if $(WORKERS),INFER_WORKERS=$(WORKERS) )$(PY) -m cluster up
 
 down:  ## stop what `make up` started
 	@test -x $(PY) && $(PY) -m cluster down || echo "nothing installed, nothing to stop"

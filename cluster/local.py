@@ -2,12 +2,17 @@
 
 python -m cluster up       # start what is not running, deploy, wait until ready, print URLs
 python -m cluster down     # stop what `up` started (by pid), leave the rest
-python -m cluster status   # each component: who runs it and whether it answers
+python -m cluster status   # each component: who runs it and whether it answers; every node
+python -m cluster nodes    # every Ray node: its proxy and the replicas on it
+python -m cluster sync-nginx  # keep NGINX's upstreams equal to Serve's live proxies (run by `up`)
+
+WORKERS: INFER_WORKERS=N (make up WORKERS=N) runs N Ray worker nodes next to the head.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import ssl
 import subprocess
@@ -19,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from cluster.dev_key import ensure_dev_key
+from cluster.nodes import NginxSync, alive_nodes, layout, recorded_workers, sync_nginx_forever, workers
 from cluster.processes import wait_until
 from cluster.secrets import prepared_settings, ray_token_file
 from cluster.seed import seed_default_model
@@ -33,7 +39,8 @@ def _say(message: str) -> None:
 def deploy(settings: ClusterSettings, config: dict | None = None) -> Path:
     """`serve deploy` a Serve config (default: cluster/serve_config.yaml with this machine's settings)."""
     rendered = settings.state_dir / "serve_config.yaml"
-    rendered.write_text(yaml.safe_dump(config or load_serve_config(settings), sort_keys=False))
+    config = config or load_serve_config(settings, nodes=1 + _worker_count(settings), node_set=_node_set(settings))
+    rendered.write_text(yaml.safe_dump(config, sort_keys=False))
     result = subprocess.run(
         [str(VENV_BIN / "serve"), "deploy", str(rendered), "--address", settings.dashboard_url],
         env=ray_env(settings),
@@ -82,7 +89,7 @@ def up(settings: ClusterSettings | None = None) -> list[str]:
     settings = settings or get_cluster_settings()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     started = []
-    for service in all_services(settings):
+    for service in _in_order(settings):
         began = time.monotonic()
         outcome = service.ensure()
         if outcome == "started":
@@ -94,7 +101,11 @@ def up(settings: ClusterSettings | None = None) -> list[str]:
                 f"  {'model':<13} {'seeded':<9} {settings.model_bucket}/{manifest.name}/{manifest.version} "
                 f"({len(manifest.files)} files)"
             )
-        if isinstance(service, Ray):
+        if isinstance(service, Ray) and not service.name.startswith("ray-worker-"):
+            for extra in _surplus_workers(settings):
+                if extra.stop():
+                    _say(f"  {extra.name:<13} stopped   (WORKERS={settings.workers})")
+        if service.name == _last_ray(settings):
             deploy(settings)
             _say(f"  {'serve':<13} deployed  {settings.serve_url}")
     began = time.monotonic()
@@ -117,11 +128,47 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _node_set(settings: ClusterSettings) -> str:
+    """A digest of the alive nodes' ids: it changes when a node joins, leaves or comes back as a new node."""
+    try:
+        ids = sorted(node["node_id"] for node in alive_nodes(settings))
+    except (OSError, ValueError):
+        return ""
+    return hashlib.sha256(",".join(ids).encode()).hexdigest()[:12]
+
+
+def _worker_count(settings: ClusterSettings) -> int:
+    """WORKERS when given; else as many worker nodes as are running now."""
+    if settings.workers is not None:
+        return settings.workers
+    return max((w.index for w in recorded_workers(settings) if w.process.running), default=0)
+
+
+def _surplus_workers(settings: ClusterSettings) -> list:
+    count = _worker_count(settings)
+    return [w for w in recorded_workers(settings) if w.index > count]
+
+
+def _last_ray(settings: ClusterSettings) -> str:
+    count = _worker_count(settings)
+    return f"ray-worker-{count}" if count else "ray"
+
+
+def _in_order(settings: ClusterSettings) -> list:
+    """Every service in start order: the stateful ones, Ray's head, its workers, NGINX and its sync."""
+    services = all_services(settings)
+    at = next(i for i, s in enumerate(services) if isinstance(s, Ray)) + 1
+    extra = workers(settings, _worker_count(settings))
+    return [*services[:at], *extra, *services[at:], NginxSync("nginx-sync", settings)]
+
+
 def down(settings: ClusterSettings | None = None, only: list[str] | None = None) -> list[str]:
     """Stop the services this bring-up started (all of ours, or just those named)."""
     settings = settings or get_cluster_settings()
     stopped = []
-    for service in reversed(all_services(settings)):
+    everything = _in_order(settings)
+    everything[1:1] = [w for w in recorded_workers(settings) if w.name not in {s.name for s in everything}]
+    for service in reversed(everything):
         if only is not None and service.name not in only:
             continue
         if service.stop():
@@ -133,7 +180,7 @@ def down(settings: ClusterSettings | None = None, only: list[str] | None = None)
 def status(settings: ClusterSettings | None = None) -> list[dict]:
     settings = settings or get_cluster_settings()
     rows = []
-    for service in all_services(settings):
+    for service in _in_order(settings):
         pid = service.process.pid
         answers = service.answers()
         owner = f"pid {pid}" if pid else ("external" if answers else "-")
@@ -182,6 +229,18 @@ Stop it with `make down`; see each component with `make status`.
 """
 
 
+def _say_nodes(settings: ClusterSettings) -> None:
+    try:
+        rows = layout(settings)
+    except (OSError, ValueError):
+        _say("  nodes: Ray does not answer")
+        return
+    _say("  nodes:")
+    for row in rows:
+        proxy = f"{row['proxy']} {row['proxy_status']}" if row["proxy"] else "no proxy"
+        _say(f"    {row['node']:<9} {row['node_id']}  proxy {proxy:<27} {', '.join(row['replicas']) or '-'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     command = (argv or sys.argv[1:] or ["status"])[0]
     settings = prepared_settings()
@@ -202,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
             if detail:
                 for name, component in detail.get("components", {}).items():
                     _say(f"       {name:<24} {component['status']:<5} {component.get('detail') or ''}")
+            _say_nodes(settings)
             return 0 if all(r["answers"] for r in rows) else 1
+        elif command == "nodes":
+            _say_nodes(settings)
+        elif command == "sync-nginx":
+            sync_nginx_forever(settings)
         elif command == "deploy":
             deploy(settings)
             wait_ready(settings)

@@ -42,8 +42,12 @@ def ray_env(settings: ClusterSettings) -> dict[str, str]:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("RAY_metrics_report_interval_ms", "2000")  # metrics fresh enough for the benchmark
+    # A dead Serve proxy is replaced after 3 failed health checks: every 2 s, not Serve's 10 s, so a
+    # one-node cluster whose proxy died is back within seconds, not half a minute.
+    env.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "2")
+    env.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "2")
     # Callbacks go to public addresses only; the integration tests' receiver lives at this one
-    # address, in a network namespace of its own (tests/integration/test_callbacks.py).
+    # address, in a network namespace of its own (tests/integration/jobs/test_callbacks.py).
     env.setdefault("INFER_CALLBACK_ALLOW_NETWORKS", '["198.18.0.2/32"]')
     env["INFER_STATE_DIR"] = str(settings.state_dir)
     return env
@@ -463,10 +467,19 @@ class Nginx(Service):
         ).get_template("nginx.conf.j2")
         return template.render(
             settings=self.settings,
+            upstreams=self.upstreams(),
             prefix=self.prefix,
             run_as_root=os.geteuid() == 0,
             mime_types=Path("/etc/nginx/mime.types"),
         )
+
+    def upstreams(self) -> list[str]:
+        """INFER_NGINX_UPSTREAMS when set; else every live Serve proxy, from Serve's own state."""
+        if "nginx_upstreams" in self.settings.model_fields_set:
+            return self.settings.nginx_upstreams
+        from cluster.nodes import live_upstreams  # nodes builds on this module
+
+        return live_upstreams(self.settings) or [f"{self.settings.serve_host}:{self.settings.serve_port}"]
 
     def write_config(self) -> bool:
         """Render the config, have NGINX test it, then put it in place; True if it changed."""
@@ -525,10 +538,35 @@ def all_services(settings: ClusterSettings) -> list[Service]:
     ]
 
 
-def load_serve_config(settings: ClusterSettings, source: Path = REPO_ROOT / "cluster" / "serve_config.yaml") -> dict:
-    """The Serve config with this machine's HTTP host and port filled in from settings."""
+SPREAD_DEPLOYMENTS = ("Gateway", "EmbeddingModel")  # what must survive the loss of any one node
+
+
+def load_serve_config(
+    settings: ClusterSettings,
+    source: Path = REPO_ROOT / "cluster" / "serve_config.yaml",
+    *,
+    nodes: int = 1,
+    node_set: str = "",
+) -> dict:
+    """The Serve config with this machine's HTTP host and port filled in from settings.
+
+    With more than one node, the gateway gets a replica per node (up to two), and the deployments
+    that must outlive a node are told which nodes there are (`node_set`, a digest of their ids):
+    Serve spreads replicas over nodes when it starts them, so a change of nodes restarts them
+    (rolling, one at a time) and a node that joined takes its share.
+    """
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {}).update(host=settings.serve_host, port=settings.serve_port)
     for app in config.get("applications", []):
         app["name"] = app.get("name") or settings.serve_app_name
+        if nodes < 2:
+            continue
+        for deployment in app.get("deployments", []):
+            if deployment["name"] not in SPREAD_DEPLOYMENTS:
+                continue
+            if deployment["name"] == "Gateway":
+                deployment["num_replicas"] = max(deployment.get("num_replicas", 1), min(nodes, 2))
+            options = deployment.setdefault("ray_actor_options", {})
+            env = options.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env["INFER_CLUSTER_NODES"] = f"{nodes}:{node_set}" if node_set else str(nodes)
     return config

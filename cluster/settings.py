@@ -40,6 +40,12 @@ class ClusterSettings(Settings):
     ray_metrics_port: int = Field(8090, description="Prometheus metrics of the head node (Ray's and ours).")
     ray_object_store_bytes: int = 512 * 1024 * 1024
 
+    # Worker nodes on this machine (`make up WORKERS=N`); None: as many as are running now.
+    workers: int | None = Field(None, ge=0, description="Ray worker nodes next to the head.")
+    worker_num_cpus: int = Field(1, ge=1, description="CPUs each worker node offers to Ray.")
+    worker_proxy_port_base: int = Field(8100, description="Worker node i's Serve proxy listens on base + i.")
+    worker_agent_port_base: int = Field(52370, description="Worker node i's dashboard agent: base + i.")
+
     # TLS and NGINX's outer shield (per client address, before any key is looked at).
     nginx_tls_port: int | None = Field(8443, description="HTTPS port; None turns TLS off.")
     tls_cert_file: Path | None = Field(None, description="Certificate chain (PEM); default: a local CA's.")

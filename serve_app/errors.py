@@ -30,9 +30,10 @@ class InvalidFieldError(APIError):
     status_code = 422
     code = "validation_error"
 
-    def __init__(self, reason: str, *, param: str) -> None:
+    def __init__(self, reason: str, *, param: str, location: str = "body") -> None:
         super().__init__(f"{param}: {reason}", param=param)
         self.reason = reason
+        self.location = location
 
 
 class ModelNotFoundError(APIError):

@@ -36,7 +36,7 @@ def _describe(error: dict) -> str:
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
     body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
     if isinstance(exc, InvalidFieldError):  # FastAPI's documented 422 shape, as for any validation error
-        body["detail"] = [{"loc": ["body", exc.param], "msg": exc.reason, "type": "value_error"}]
+        body["detail"] = [{"loc": [exc.location, exc.param], "msg": exc.reason, "type": "value_error"}]
     return JSONResponse(body, exc.status_code, headers=exc.headers)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ from serve_app.auth.credentials import Principal
 from serve_app.auth.key_store import KeyStore
 from serve_app.embeddings.service import EmbeddingService
 from serve_app.errors import (
+    ConflictError,
     InvalidFieldError,
     InvalidRequestError,
     JobNotFoundError,
@@ -44,6 +47,16 @@ class JobInput:
     texts: list[str] | None = None
     input_url: str | None = None
     upload_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a submission gives back: the job's view; the tenant's callback secret when this submission
+    made it; whether the job was made by an earlier request with the same Idempotency-Key."""
+
+    job: dict
+    callback_secret: str | None = None
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,10 +131,52 @@ class JobService:
         return target.destination
 
     async def submit(
-        self, caller: Principal, model: str, source: JobInput, callback_url: str | None = None
-    ) -> tuple[dict, str | None]:
-        """(the job's view once it is stored and its message confirmed by RabbitMQ, the tenant's
-        callback secret when this submission made it, else None)."""
+        self,
+        caller: Principal,
+        model: str,
+        source: JobInput,
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Submission:
+        """The job once it is stored and its message confirmed by RabbitMQ.
+
+        With an idempotency key, the tenant's first request with that key (within a day) makes the
+        job; a later one with the same key and the same request gets that job back, and one with
+        the same key and another request is refused (422).
+        """
+        if idempotency_key is None:
+            return await self._submit(caller, model, source, callback_url)
+        fingerprint = _fingerprint(model, source, callback_url)
+        job_id = new_job_id()
+        claimed = await self.store.claim_idempotency_key(caller.owner, idempotency_key, job_id, fingerprint)
+        if claimed is not None:
+            return await self._replay(caller.owner, idempotency_key, claimed, fingerprint)
+        try:
+            return await self._submit(caller, model, source, callback_url, job_id=job_id)
+        except BaseException:
+            # Not accepted: the key is free again, so the client's retry makes the job.
+            with contextlib.suppress(Exception):
+                await self.store.release_idempotency_key(caller.owner, idempotency_key, job_id)
+            raise
+
+    async def _replay(self, owner: str, key: str, claimed: dict, fingerprint: str) -> Submission:
+        if claimed["fingerprint"] != fingerprint:
+            raise InvalidFieldError(
+                "this Idempotency-Key was already used for a different request (another model, input or "
+                "callback_url); use a new key for a new job",
+                param="Idempotency-Key",
+                location="header",
+            )
+        for _ in range(50):  # the first request may still be storing its job: wait a moment for it
+            doc = await self.store.get(claimed["job_id"])
+            if doc is not None:
+                return Submission(public_view(doc), replayed=True)
+            await asyncio.sleep(0.1)
+        raise ConflictError(f"a request with Idempotency-Key {key!r} is still being accepted; retry shortly")
+
+    async def _submit(
+        self, caller: Principal, model: str, source: JobInput, callback_url: str | None, *, job_id: str | None = None
+    ) -> Submission:
         self.embeddings.model(model)  # an unknown model is refused here, not by a worker
         callback = None
         if callback_url:
@@ -141,7 +196,7 @@ class JobService:
             except InputError as exc:
                 raise InvalidRequestError(str(exc), param="upload_id" if source.upload_id else "input_url") from exc
             stored_input = {"kind": "object", "url": ref.url}
-        job_id = new_job_id()
+        job_id = job_id or new_job_id()
         await self._admit(caller, job_id)
         doc = {
             "_id": job_id,
@@ -184,7 +239,7 @@ class JobService:
             await self.store.mark_published(job_id)
         except Exception as exc:  # confirmed by RabbitMQ: accepted; the sweeper skips it only sooner
             logger.warning("job %s published but not marked so: %r", job_id, exc)
-        return public_view(doc), made_secret
+        return Submission(public_view(doc), made_secret)
 
     async def _take_back(self, owner: str, made_secret: str | None) -> None:
         """A secret made for a submission that fails is never shown: unmake it, so the next one shows it."""
@@ -281,3 +336,15 @@ class JobService:
             raise JobNotFoundError(f"job {job_id} has no stored result", param="id")
         vectors, tokens = inline
         return JobResult(**common, vectors=vectors, token_counts=tokens)
+
+
+def _fingerprint(model: str, source: JobInput, callback_url: str | None) -> str:
+    """What makes two submissions the same request, hashed."""
+    request = {
+        "model": model,
+        "input": source.texts,
+        "input_url": source.input_url,
+        "upload_id": source.upload_id,
+        "callback_url": callback_url,
+    }
+    return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
 from serve_app.http.deps import JobsCallerDep, JobServiceDep, require_jobs
 from serve_app.http.routes import AUTH_ERRORS
@@ -29,6 +29,16 @@ from serve_app.jobs.service import JobInput
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_jobs)], responses=AUTH_ERRORS)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, description="The job's id.")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Makes retries safe: the same key (per user, for a day) returns the job it first made.",
+    ),
+]
 ERRORS = {404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 
@@ -55,20 +65,31 @@ async def create_upload(jobs: JobServiceDep, caller: JobsCallerDep) -> UploadTic
     responses={400: {"model": ErrorResponse}, **ERRORS},
 )
 async def submit_job(
-    body: JobRequest, request: Request, response: Response, jobs: JobServiceDep, caller: JobsCallerDep
+    body: JobRequest,
+    request: Request,
+    response: Response,
+    jobs: JobServiceDep,
+    caller: JobsCallerDep,
+    idempotency_key: IdempotencyKey = None,
 ):
     """Accept a job: 202 at once with its id, status URL (Location) and document.
 
-    A `callback_url` must resolve to public addresses only (422 otherwise). The first job with a
-    callback makes the tenant's signing secret: that answer alone carries it, as `callback_secret`.
+    With an `Idempotency-Key` header, a retry of the same request (within a day, per user) gets the
+    job the first one made, with `Idempotent-Replayed: true`; the same key with a different request
+    is a 422. A `callback_url` must resolve to public addresses only (422 otherwise). The first job
+    with a callback makes the tenant's signing secret: that answer alone carries it, as
+    `callback_secret`.
     """
     request.state.history = {"model": body.model, "items": len(body.input) if body.input else None, "kind": "job"}
     source = JobInput(texts=body.input, input_url=body.input_url, upload_id=body.upload_id)
-    view, made_secret = await jobs.submit(caller, body.model, source, body.callback_url)
+    submission = await jobs.submit(caller, body.model, source, body.callback_url, idempotency_key)
+    view = submission.job
     request.state.history["job_id"] = view["id"]
     response.headers["Location"] = f"/v1/jobs/{view['id']}"
-    if made_secret is not None:
-        view["callback_secret"] = made_secret
+    if submission.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    if submission.callback_secret is not None:
+        view["callback_secret"] = submission.callback_secret
     return view
 
 

@@ -303,3 +303,32 @@ def test_a_job_accepted_but_never_published_is_published_by_the_sweeper(api, set
     )
     finished = wait_for(api, job_id, timeout_s=settings.job_sweep_interval_s * 3 + 30)
     assert finished["status"] == "succeeded"
+
+
+def test_a_retried_submission_with_the_same_idempotency_key_makes_one_job(api):
+    """A client (or proxy) that retries POST /v1/jobs with its Idempotency-Key gets the first job back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": MODEL, "input": texts(3, "idempotent")}
+    key = f"retry-{uuid.uuid4().hex}"
+
+    def post(_=None):
+        return api.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(post, range(4)))  # retries racing each other
+    answers.append(post())  # and one long after
+    assert {a.status_code for a in answers} == {202}, [a.text for a in answers]
+    ids = {a.json()["id"] for a in answers}
+    assert len(ids) == 1, f"one key made {len(ids)} jobs"
+    assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == len(answers) - 1
+    assert wait_for(api, ids.pop())["status"] == "succeeded"
+
+    other = api.post("/v1/jobs", json={**body, "input": texts(3, "other")}, headers={"Idempotency-Key": key})
+    assert other.status_code == 422
+    assert other.json()["error"]["param"] == "Idempotency-Key"
+    assert "different request" in other.json()["error"]["message"]
+
+    fresh = api.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"new-{uuid.uuid4().hex}"})
+    assert fresh.status_code == 202
+    assert fresh.json()["id"] not in {a.json()["id"] for a in answers}
