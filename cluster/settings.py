@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import Field, computed_field
+from pydantic import Field, computed_field, field_validator
 
 from serve_app.settings import Settings, load_settings
 
@@ -57,6 +57,14 @@ class ClusterSettings(Settings):
     nginx_limit_req_burst: int = 4000
     nginx_limit_conn: int = 512
     nginx_header_buffers: str = Field("4 16k", description="large_client_header_buffers: bigger headers get 431.")
+
+    @field_validator("nginx_tls_port", mode="before")
+    @classmethod
+    def _tls_off(cls, value: object) -> object:
+        """INFER_NGINX_TLS_PORT=off (or none, null, empty) turns TLS off, as the README says."""
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none", "null"):
+            return None
+        return value
 
     # The local services.
     rabbitmq_epmd_port: int = Field(4370, description="The local RabbitMQ's own epmd (Erlang port mapper).")

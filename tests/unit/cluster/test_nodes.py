@@ -60,3 +60,11 @@ def test_nginx_balances_over_the_given_proxies_and_retries_only_embeddings_after
     )
     assert rendered.count("non_idempotent") == 2  # the HTTP and the HTTPS server's embeddings location
     assert "proxy_next_upstream error timeout http_502;" in rest
+
+
+def test_tls_can_be_turned_off_from_the_environment(monkeypatch):
+    for value in ("off", "null", ""):
+        monkeypatch.setenv("INFER_NGINX_TLS_PORT", value)
+        assert ClusterSettings().nginx_tls_port is None
+    monkeypatch.setenv("INFER_NGINX_TLS_PORT", "9443")
+    assert ClusterSettings().nginx_tls_port == 9443
