@@ -1,5 +1,7 @@
 """Plain helpers of the integration tests (fixtures live in conftest.py)."""
 
+import re
+import subprocess
 import time
 import uuid
 
@@ -25,3 +27,10 @@ def wait_for(api, job_id: str, done=lambda job: job["status"] in TERMINAL, timeo
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {job['status']} {job['progress']} after {timeout_s}s")
         time.sleep(0.2)
+
+
+def listener_pid(port: int) -> int | None:
+    """The process listening on a TCP port of this machine (a Serve proxy, say), if any."""
+    listing = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"pid=(\d+)", listing)
+    return int(match.group(1)) if match else None

@@ -19,6 +19,7 @@ from pika.exceptions import ProbableAccessDeniedError, ProbableAuthenticationErr
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
+from cluster.nodes import recorded_workers
 from cluster.processes import ManagedProcess, descendants
 from cluster.secrets import ray_auth_headers
 from cluster.services import all_services
@@ -43,8 +44,9 @@ def readme_listeners() -> dict[int, str]:
 
 
 def our_pids(settings) -> set[int]:
+    """Every process the bring-up started (worker nodes too, when they run), and their descendants."""
     pids: set[int] = set()
-    for service in all_services(settings):
+    for service in [*all_services(settings), *recorded_workers(settings)]:
         for process in (service.process, getattr(service, "epmd", None)):
             if isinstance(process, ManagedProcess) and process.pid is not None:
                 pids |= {process.pid, *descendants(process.pid)}

@@ -22,6 +22,7 @@ from cluster import local
 from cluster.nodes import layout, serve_details, workers
 from cluster.processes import descendants, wait_until
 from serve_app.model_repository import VERIFIED_MARKER
+from tests.integration.helpers import listener_pid
 
 MODEL = "all-minilm-l6-v2"
 CLIENTS = 8
@@ -155,6 +156,31 @@ def kill_node(pid: int) -> None:
     for member in [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(member, signal.SIGKILL)
+
+
+def test_losing_the_worker_nodes_proxy_under_load_costs_at_most_its_in_flight_requests(settings, auth_headers, worker):
+    """NGINX retries embeddings on the head's proxy while Serve replaces the worker's."""
+    port = int(WORKER_PROXY.rsplit(":", 1)[1])
+    before = listener_pid(port)
+    assert before is not None
+    with Load(settings, auth_headers) as load:
+        time.sleep(4)
+        killed_at = time.monotonic()
+        os.kill(before, signal.SIGKILL)
+        assert wait_until(lambda: listener_pid(port) not in (None, before), 60, interval_s=0.2)
+        replaced = time.monotonic() - killed_at
+        time.sleep(4)
+    failed = [o for o in load.outcomes if o.status != 200]
+    in_flight = [o for o in load.outcomes if o.started <= killed_at <= o.ended]
+    figures = {
+        "requests": len(load.outcomes),
+        "failed": len(failed),
+        "in_flight_at_loss": len(in_flight),
+        "seconds_to_new_proxy": round(replaced, 1),
+    }
+    _record(settings, "proxy_loss_two_nodes", figures)
+    assert len(failed) <= len(in_flight), figures
+    assert wait_until(lambda: serving_on_two_nodes(settings), 120, interval_s=0.5), layout(settings)
 
 
 def test_losing_the_worker_node_under_load_costs_at_most_its_in_flight_requests(settings, auth_headers, worker):

@@ -7,23 +7,14 @@ The measured outage goes to <state_dir>/multinode-figures.json with the other fa
 
 import json
 import os
-import re
 import signal
-import subprocess
 import time
 
-from tests.integration.helpers import MODEL
-
-
-def proxy_pid(port: int) -> int | None:
-    """The process listening on the Serve proxy's port (Ray's ProxyActor), if any."""
-    listing = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=False).stdout
-    match = re.search(r"pid=(\d+)", listing)
-    return int(match.group(1)) if match else None
+from tests.integration.helpers import MODEL, listener_pid
 
 
 def test_a_killed_serve_proxy_is_replaced_within_seconds(settings, api):
-    before = proxy_pid(settings.serve_port)
+    before = listener_pid(settings.serve_port)
     assert before is not None, "no Serve proxy listens"
     assert api.post("/v1/embeddings", json={"model": MODEL, "input": "before the proxy dies"}).status_code == 200
     os.kill(before, signal.SIGKILL)
@@ -42,7 +33,7 @@ def test_a_killed_serve_proxy_is_replaced_within_seconds(settings, api):
         failed += 1
         time.sleep(0.2)
     assert recovered is not None, "the proxy was not replaced within 90 s"
-    after = proxy_pid(settings.serve_port)
+    after = listener_pid(settings.serve_port)
     assert after not in (None, before)
     path = settings.state_dir / "multinode-figures.json"
     figures = json.loads(path.read_text()) if path.exists() else {}
