@@ -167,7 +167,8 @@ def down(settings: ClusterSettings | None = None, only: list[str] | None = None)
     settings = settings or get_cluster_settings()
     stopped = []
     everything = _in_order(settings)
-    everything[1:1] = [w for w in recorded_workers(settings) if w.name not in {s.name for s in everything}]
+    head = next(i for i, s in enumerate(everything) if isinstance(s, Ray)) + 1
+    everything[head:head] = [w for w in recorded_workers(settings) if w.name not in {s.name for s in everything}]
     for service in reversed(everything):
         if only is not None and service.name not in only:
             continue

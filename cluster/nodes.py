@@ -141,6 +141,9 @@ class RayWorker(Service):
         return self.settings.state_dir / "nodes" / f"worker-{self.index}" / "model-cache"
 
     def answers(self) -> bool:
+        """Our process runs and Ray lists the node alive (Ray lists a killed node alive a while longer)."""
+        if not self.process.running:
+            return False
         try:
             return any(self.resource in n.get("resources_total", {}) for n in alive_nodes(self.settings))
         except (OSError, ValueError):
@@ -213,27 +216,31 @@ class NginxSync(Service):
         self.process.start([sys.executable, "-m", "cluster", "sync-nginx"], env=ray_env(self.settings), cwd=REPO_ROOT)
 
 
-def sync_nginx_once(settings: ClusterSettings) -> str:
-    """Re-render NGINX from the live proxies and reload it if that changed the config."""
-    nginx = Nginx("nginx", settings)
+def sync_nginx_once(settings: ClusterSettings, upstreams: list[str]) -> str:
+    """Re-render NGINX with these upstreams and reload it if that changed the config."""
+    nginx = Nginx("nginx", settings, upstream_list=upstreams)
     if nginx.process.pid is None:
         return "nginx is not running"
     return nginx.ensure()
 
 
 def sync_nginx_forever(settings: ClusterSettings) -> None:
-    last = None
+    """Every second: the live proxies; when they changed, NGINX re-rendered and reloaded. A failure
+    (Ray or NGINX not answering) is logged and tried again, waiting longer each time up to 30 s."""
+    last: list[str] | None = None
+    failures = 0
     while True:
-        upstreams = live_upstreams(settings)
-        if upstreams is not None and upstreams != last:
-            try:
-                outcome = sync_nginx_once(settings)
-            except Exception as exc:  # a failed render is tried again at the next change
-                print(f"nginx-sync: {exc}", flush=True)
-            else:
+        try:
+            upstreams = live_upstreams(settings)
+            if upstreams is not None and upstreams != last:
+                outcome = sync_nginx_once(settings, upstreams)
                 print(f"nginx-sync: upstreams {upstreams}: {outcome}", flush=True)
                 last = upstreams
-        time.sleep(SYNC_INTERVAL_S)
+            failures = 0
+        except Exception as exc:  # the loop outlives any one failure
+            failures += 1
+            print(f"nginx-sync: {type(exc).__name__}: {exc}", flush=True)
+        time.sleep(SYNC_INTERVAL_S if not failures else min(30.0, SYNC_INTERVAL_S * 2**failures))
 
 
 def process_of(settings: ClusterSettings, name: str) -> ManagedProcess:

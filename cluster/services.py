@@ -437,8 +437,11 @@ class Ray(Service):
         return self.process.stop(timeout_s=30)
 
 
+@dataclass
 class Nginx(Service):
     """NGINX in front of every Serve proxy, from the template in nginx/."""
+
+    upstream_list: list[str] | None = None  # given by nginx-sync, which has just read the live proxies
 
     @property
     def address(self) -> str:
@@ -477,6 +480,8 @@ class Nginx(Service):
         """INFER_NGINX_UPSTREAMS when set; else every live Serve proxy, from Serve's own state."""
         if "nginx_upstreams" in self.settings.model_fields_set:
             return self.settings.nginx_upstreams
+        if self.upstream_list:
+            return self.upstream_list
         from cluster.nodes import live_upstreams  # nodes builds on this module
 
         return live_upstreams(self.settings) or [f"{self.settings.serve_host}:{self.settings.serve_port}"]
@@ -488,7 +493,7 @@ class Nginx(Service):
         old = self.conf_path.read_text() if self.conf_path.exists() else None
         if rendered == old:
             return False
-        candidate = self.conf_path.with_suffix(".conf.new")
+        candidate = self.conf_path.with_suffix(f".conf.{os.getpid()}.new")  # `make up` and nginx-sync may both write
         candidate.write_text(rendered)
         result = subprocess.run(
             [_require("nginx"), "-t", "-q", "-p", str(self.prefix), "-c", str(candidate), "-e", "stderr"],

@@ -41,7 +41,7 @@ class ClusterSettings(Settings):
     ray_object_store_bytes: int = 512 * 1024 * 1024
 
     # Worker nodes on this machine (`make up WORKERS=N`); None: as many as are running now.
-    workers: int | None = Field(None, ge=0, description="Ray worker nodes next to the head.")
+    workers: int | None = Field(None, ge=0, le=9, description="Ray worker nodes next to the head (ports allow 9).")
     worker_num_cpus: int = Field(1, ge=1, description="CPUs each worker node offers to Ray.")
     worker_proxy_port_base: int = Field(8100, description="Worker node i's Serve proxy listens on base + i.")
     worker_agent_port_base: int = Field(52370, description="Worker node i's dashboard agent: base + i.")
@@ -61,8 +61,8 @@ class ClusterSettings(Settings):
     @field_validator("nginx_tls_port", mode="before")
     @classmethod
     def _tls_off(cls, value: object) -> object:
-        """INFER_NGINX_TLS_PORT=off (or none, null, empty) turns TLS off, as the README says."""
-        if isinstance(value, str) and value.strip().lower() in ("", "off", "none", "null"):
+        """INFER_NGINX_TLS_PORT=off (or none, null) turns TLS off, as the README says; empty is an error."""
+        if isinstance(value, str) and value.strip().lower() in ("off", "none", "null"):
             return None
         return value
 

@@ -154,10 +154,21 @@ class JobService:
         try:
             return await self._submit(caller, model, source, callback_url, job_id=job_id)
         except BaseException:
-            # Not accepted: the key is free again, so the client's retry makes the job.
-            with contextlib.suppress(Exception):
-                await self.store.release_idempotency_key(caller.owner, idempotency_key, job_id)
+            await asyncio.shield(self._release_unless_accepted(caller.owner, idempotency_key, job_id))
             raise
+
+    async def _release_unless_accepted(self, owner: str, key: str, job_id: str) -> None:
+        """Free the key of a submission that failed, unless its job was accepted after all.
+
+        A request cancelled (its client left) after the job was stored still has its job: stored
+        jobs are published by the sweeper if not by the request, so the key keeps naming it and the
+        client's retry gets it back. Only a job never stored, or refused by the queue, frees it.
+        """
+        with contextlib.suppress(Exception):
+            doc = await self.store.get(job_id)
+            refused = doc is not None and (doc.get("error") or {}).get("type") == "not_queued"
+            if doc is None or refused:
+                await self.store.release_idempotency_key(owner, key, job_id)
 
     async def _replay(self, owner: str, key: str, claimed: dict, fingerprint: str) -> Submission:
         if claimed["fingerprint"] != fingerprint:

@@ -18,6 +18,7 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from serve_app.errors import ConflictError
 from serve_app.infra.redis import GuardedRedis
 from serve_app.jobs.quota import JobQuota
 from serve_app.settings import Settings
@@ -208,15 +209,21 @@ class JobStore:
         """
         ident = {"_id": f"{owner}\x00{hashlib.sha256(key.encode()).hexdigest()}"}
         claim = {**ident, "job_id": job_id, "fingerprint": fingerprint, "created_at": now()}
-        try:
-            await self.idempotency.insert_one(claim)
-            return None
-        except DuplicateKeyError:
-            existing = await self.idempotency.find_one(ident)
-        if existing is None or _aware(existing["created_at"]) < now() - timedelta(seconds=IDEMPOTENCY_TTL_S):
-            await self.idempotency.replace_one(ident, claim, upsert=True)
-            return None
-        return existing
+        for _ in range(5):  # each round, exactly one of several racing requests wins
+            try:
+                await self.idempotency.insert_one(claim)
+                return None
+            except DuplicateKeyError:
+                existing = await self.idempotency.find_one(ident)
+            if existing is None:
+                continue  # released meanwhile: insert again
+            if _aware(existing["created_at"]) >= now() - timedelta(seconds=IDEMPOTENCY_TTL_S):
+                return existing
+            # Expired but not yet deleted: replace it only as it was, so one racer alone takes it.
+            replaced = await self.idempotency.replace_one({**ident, "job_id": existing["job_id"]}, claim)
+            if replaced.matched_count:
+                return None
+        raise ConflictError(f"Idempotency-Key {key!r} is being claimed by several requests at once; retry shortly")
 
     async def release_idempotency_key(self, owner: str, key: str, job_id: str) -> None:
         """Free a key whose job was not accepted (only if it still names that job)."""

@@ -26,7 +26,20 @@ from tests.integration.helpers import listener_pid
 
 MODEL = "all-minilm-l6-v2"
 CLIENTS = 8
-HEAD_PROXY, WORKER_PROXY = "127.0.0.1:8000", "127.0.0.1:8101"
+
+
+def head_proxy(settings) -> str:
+    return f"{settings.serve_host}:{settings.serve_port}"
+
+
+def worker_proxy(settings) -> str:
+    return f"{settings.serve_host}:{settings.worker_proxy_port_base + 1}"
+
+
+def settled(settings) -> bool:
+    """Every application RUNNING: no deployment or rolling restart under way."""
+    apps = serve_details(settings).get("applications") or {}
+    return bool(apps) and all(app.get("status") == "RUNNING" for app in apps.values())
 
 
 def running(settings, node: str) -> list[str]:
@@ -58,14 +71,23 @@ def served_by(settings, request_ids: set[str]) -> list[str]:
 def serving_on_two_nodes(settings) -> bool:
     """The app is RUNNING (no rolling restart under way) with the model on both nodes and a gateway and
     a proxy on the worker, which NGINX balances to."""
-    apps = serve_details(settings).get("applications") or {}
-    settled = bool(apps) and all(app.get("status") == "RUNNING" for app in apps.values())
     worker = running(settings, "worker-1")
     return (
-        settled
+        settled(settings)
         and "EmbeddingModel" in running(settings, "head")
         and {"EmbeddingModel", "Gateway"} <= set(worker)
-        and WORKER_PROXY in upstreams(settings)
+        and worker_proxy(settings) in upstreams(settings)
+    )
+
+
+def back_on_one_node(settings) -> bool:
+    head = running(settings, "head")
+    return (
+        settled(settings)
+        and not running(settings, "worker-1")
+        and head.count("Gateway") == 1
+        and head.count("EmbeddingModel") >= 2
+        and worker_proxy(settings) not in upstreams(settings)
     )
 
 
@@ -77,18 +99,19 @@ def worker(settings):
     was_running = node.process.running
     if not was_running:
         shutil.rmtree(node.cache_dir, ignore_errors=True)
-    cache_was_empty = not node.cache_dir.exists() or not any(node.cache_dir.iterdir())
+    # None: the node ran before this module, with whatever its cache held.
+    cache_was_empty = None if was_running else not node.cache_dir.exists() or not any(node.cache_dir.iterdir())
     local.up(with_workers(settings, 1))
     assert wait_until(lambda: serving_on_two_nodes(settings), 240, interval_s=1), layout(settings)
     yield node, cache_was_empty
-    if not was_running:
+    if not was_running:  # the later tests run on one node again, once its rolling restart is over
         local.up(with_workers(settings, 0))
-        assert wait_until(lambda: WORKER_PROXY not in upstreams(settings), 60, interval_s=1)
+        assert wait_until(lambda: back_on_one_node(settings), 240, interval_s=1), layout(settings)
 
 
 def test_a_worker_node_serves_through_its_own_proxy_with_weights_it_pulled(settings, api, worker):
     node, cache_was_empty = worker
-    assert cache_was_empty, "the worker's weight cache was not empty before it joined"
+    assert cache_was_empty is not False, "the worker's weight cache was not empty before it joined"
     verified = list(node.cache_dir.rglob(VERIFIED_MARKER))
     assert verified, f"no verified model under {node.cache_dir}"
     assert (verified[0].parent / "model.safetensors").stat().st_size > 1_000_000
@@ -104,10 +127,9 @@ def test_a_worker_node_serves_through_its_own_proxy_with_weights_it_pulled(setti
             headers={"X-Request-ID": request_id},
         )
         assert answer.status_code == 200, answer.text
-    time.sleep(1.5)  # the access log is flushed every second
+    assert wait_until(lambda: len(served_by(settings, ids)) == len(ids), 10)  # NGINX flushes its log every second
     proxies = served_by(settings, ids)
-    assert len(proxies) == len(ids)
-    assert {HEAD_PROXY, WORKER_PROXY} <= set(proxies), f"requests reached only {set(proxies)}"
+    assert {head_proxy(settings), worker_proxy(settings)} <= set(proxies), f"requests reached only {set(proxies)}"
 
 
 @dataclass
@@ -160,7 +182,7 @@ def kill_node(pid: int) -> None:
 
 def test_losing_the_worker_nodes_proxy_under_load_costs_at_most_its_in_flight_requests(settings, auth_headers, worker):
     """NGINX retries embeddings on the head's proxy while Serve replaces the worker's."""
-    port = int(WORKER_PROXY.rsplit(":", 1)[1])
+    port = settings.worker_proxy_port_base + 1
     before = listener_pid(port)
     assert before is not None
     with Load(settings, auth_headers) as load:

@@ -10,10 +10,15 @@ import os
 import signal
 import time
 
+import pytest
+
+from cluster.nodes import alive_nodes
 from tests.integration.helpers import MODEL, listener_pid
 
 
 def test_a_killed_serve_proxy_is_replaced_within_seconds(settings, api):
+    if len(alive_nodes(settings)) > 1:
+        pytest.skip("one node only: with more, NGINX sends the probes to another node's proxy")
     before = listener_pid(settings.serve_port)
     assert before is not None, "no Serve proxy listens"
     assert api.post("/v1/embeddings", json={"model": MODEL, "input": "before the proxy dies"}).status_code == 200

@@ -63,7 +63,7 @@ def test_nginx_balances_over_the_given_proxies_and_retries_only_embeddings_after
 
 
 def test_tls_can_be_turned_off_from_the_environment(monkeypatch):
-    for value in ("off", "null", ""):
+    for value in ("off", "null", "None"):
         monkeypatch.setenv("INFER_NGINX_TLS_PORT", value)
         assert ClusterSettings().nginx_tls_port is None
     monkeypatch.setenv("INFER_NGINX_TLS_PORT", "9443")
