@@ -12,8 +12,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from fastapi import Request
-from fastapi.testclient import TestClient
 
 from serve_app.outbound import (
     Outbound,
@@ -453,36 +451,9 @@ def test_an_unexpected_failure_says_nothing_of_itself(exc):
 
 
 @pytest.fixture
-def api(monkeypatch):
-    from serve_app.auth.credentials import Principal
-    from serve_app.http.api import create_app
-    from serve_app.http.container import Services
-    from serve_app.http.deps import authenticate
-    from serve_app.settings import get_settings
-    from tests.unit.fakes import FakeModelHandle
-
-    closed = "127.0.0.1:9"
-    for name, value in {
-        "REDIS_URL": f"redis://{closed}/0",
-        "MONGO_URL": f"mongodb://{closed}/?directConnection=true",
-        "S3_ENDPOINT": f"http://{closed}",
-        "REDIS_TIMEOUT_S": "0.2",
-        "MONGO_TIMEOUT_S": "0.2",
-    }.items():
-        monkeypatch.setenv(f"INFER_{name}", value)
-    get_settings.cache_clear()
-    handle = FakeModelHandle(name="fake-model", dims=8)
-    app = create_app(Services.from_settings(get_settings(), {handle.name: handle}))
-    caller = Principal("0123456789abcdef", "tester", ("infer", "jobs"), 0, 1, 0, None)
-
-    async def as_caller(request: Request) -> Principal:
-        request.state.principal = caller
-        return caller
-
-    app.dependency_overrides[authenticate] = as_caller
-    with TestClient(app) as client:
-        yield client
-    get_settings.cache_clear()
+def api(client):
+    """The gateway with a fake model, every request authenticated (tests/unit/conftest.py)."""
+    return client
 
 
 @pytest.mark.parametrize(
