@@ -28,7 +28,7 @@ from cluster.settings import ClusterSettings
 from serve_app.settings import REPO_ROOT
 
 WORKER_PREFIX = "ray-worker-"
-SYNC_INTERVAL_S = 1.0
+SYNC_INTERVAL_S = 5.0  # each check asks the dashboard (and Serve's controller); passive checks cover the gap
 
 
 def dashboard_get(settings: ClusterSettings, path: str, timeout_s: float = 5.0) -> dict:
@@ -225,7 +225,7 @@ def sync_nginx_once(settings: ClusterSettings, upstreams: list[str]) -> str:
 
 
 def sync_nginx_forever(settings: ClusterSettings) -> None:
-    """Every second: the live proxies; when they changed, NGINX re-rendered and reloaded. A failure
+    """Every SYNC_INTERVAL_S: the live proxies; when they changed, NGINX re-rendered and reloaded. A failure
     (Ray or NGINX not answering) is logged and tried again, waiting longer each time up to 30 s."""
     last: list[str] | None = None
     failures = 0
