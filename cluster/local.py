@@ -23,8 +23,9 @@ from pathlib import Path
 
 import yaml
 
+from cluster import netns
 from cluster.dev_key import ensure_dev_key
-from cluster.nodes import NginxSync, alive_nodes, layout, recorded_workers, sync_nginx_forever, workers
+from cluster.nodes import NginxSync, layout, node_ids, recorded_workers, sync_nginx_forever, workers
 from cluster.processes import wait_until
 from cluster.secrets import prepared_settings, ray_token_file
 from cluster.seed import seed_default_model
@@ -39,7 +40,9 @@ def _say(message: str) -> None:
 def deploy(settings: ClusterSettings, config: dict | None = None) -> Path:
     """`serve deploy` a Serve config (default: cluster/serve_config.yaml with this machine's settings)."""
     rendered = settings.state_dir / "serve_config.yaml"
-    config = config or load_serve_config(settings, nodes=1 + _worker_count(settings), node_set=_node_set(settings))
+    if config is None:
+        nodes, node_set = _nodes(settings)
+        config = load_serve_config(settings, nodes=nodes, node_set=node_set)
     rendered.write_text(yaml.safe_dump(config, sort_keys=False))
     result = subprocess.run(
         [str(VENV_BIN / "serve"), "deploy", str(rendered), "--address", settings.dashboard_url],
@@ -88,6 +91,11 @@ def up(settings: ClusterSettings | None = None) -> list[str]:
     """Bring everything up; returns the names of the services this call started."""
     settings = settings or get_cluster_settings()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    if settings.netns_layout:  # the node network first: the stores and Ray's head listen on it too
+        netns.ensure_bridge(settings.node_subnet)
+        netns.guard_ports(settings.unguarded_ray_ports())
+        network = f"{netns.BRIDGE} {settings.bridge_address}/{settings.node_subnet.prefixlen}"
+        _say(f"  {'node network':<13} {'ready':<9} {network}")
     started = []
     for service in _in_order(settings):
         began = time.monotonic()
@@ -128,13 +136,14 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _node_set(settings: ClusterSettings) -> str:
-    """A digest of the alive nodes' ids: it changes when a node joins, leaves or comes back as a new node."""
+def _nodes(settings: ClusterSettings) -> tuple[int, str]:
+    """How many nodes Ray has alive, and a digest of their ids (it changes when a node joins, leaves or
+    comes back as a new node); when Ray does not answer, the nodes the bring-up runs and no digest."""
     try:
-        ids = sorted(node["node_id"] for node in alive_nodes(settings))
+        ids = node_ids(settings)
     except (OSError, ValueError):
-        return ""
-    return hashlib.sha256(",".join(ids).encode()).hexdigest()[:12]
+        return 1 + _worker_count(settings), ""
+    return len(ids), hashlib.sha256(",".join(ids).encode()).hexdigest()[:12]
 
 
 def _worker_count(settings: ClusterSettings) -> int:
@@ -175,6 +184,12 @@ def down(settings: ClusterSettings | None = None, only: list[str] | None = None)
         if service.stop():
             stopped.append(service.name)
             _say(f"  {service.name:<13} stopped")
+    if settings.netns_layout and not any(service.process.running for service in everything):
+        # The node network goes with the last of ours; a namespace still holding a process stays.
+        for name in netns.namespaces():
+            netns.remove_namespace(name)
+        netns.remove_bridge()
+        netns.remove_guard()
     return stopped
 
 

@@ -21,9 +21,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.netns import NodeNamespace
 from cluster.processes import ManagedProcess
 from cluster.secrets import ray_auth_headers
-from cluster.services import VENV_BIN, Nginx, Ray, Service, ray_env
+from cluster.services import VENV_BIN, Nginx, Ray, Service, _require, ray_env
 from cluster.settings import ClusterSettings
 from serve_app.settings import REPO_ROOT
 
@@ -45,6 +46,11 @@ def alive_nodes(settings: ClusterSettings) -> list[dict]:
     return [n for n in nodes if n.get("state") == "ALIVE"]
 
 
+def node_ids(settings: ClusterSettings) -> list[str]:
+    """The ids of the alive nodes, sorted."""
+    return sorted(node["node_id"] for node in alive_nodes(settings))
+
+
 def worker_index(node: dict) -> int | None:
     """The index of one of our worker nodes (from its resource), or None for the head or a stranger."""
     for name in node.get("resources_total", {}):
@@ -56,6 +62,13 @@ def worker_index(node: dict) -> int | None:
 def proxy_port(settings: ClusterSettings, node: dict) -> int:
     index = worker_index(node)
     return settings.serve_port if index is None else settings.worker_proxy_port_base + index
+
+
+def proxy_address(settings: ClusterSettings, node: dict) -> str:
+    """host:port where NGINX reaches a node's proxy: Serve's own host on this machine's nodes, the node's
+    address for a node elsewhere (in the netns layout, its relay in front of its proxy listens there)."""
+    local = node.get("node_ip") == settings.ray_node_ip or ipaddress.ip_address(node["node_ip"]).is_loopback
+    return f"{settings.serve_host if local else node['node_ip']}:{proxy_port(settings, node)}"
 
 
 def serve_details(settings: ClusterSettings) -> dict:
@@ -74,9 +87,7 @@ def live_upstreams(settings: ClusterSettings) -> list[str] | None:
         node = nodes.get(node_id)
         if node is None or proxy.get("status") not in ("HEALTHY", "STARTING"):
             continue
-        local = node.get("node_ip") == settings.ray_node_ip or ipaddress.ip_address(node["node_ip"]).is_loopback
-        host = settings.serve_host if local else node["node_ip"]
-        upstreams.append(f"{host}:{proxy_port(settings, node)}")
+        upstreams.append(proxy_address(settings, node))
     return sorted(upstreams) or None
 
 
@@ -100,7 +111,7 @@ def layout(settings: ClusterSettings) -> list[dict]:
                 "node": "head" if node.get("is_head_node") else f"worker-{index}" if index else "other",
                 "node_id": node["node_id"][:12],
                 "ip": node.get("node_ip"),
-                "proxy": f"{settings.serve_host}:{proxy_port(settings, node)}" if proxy else None,
+                "proxy": proxy_address(settings, node) if proxy else None,
                 "proxy_status": proxy.get("status") if proxy else None,
                 "replicas": sorted(replicas.get(node["node_id"], [])),
             }
@@ -117,7 +128,19 @@ class RayWorker(Service):
 
     @property
     def address(self) -> str:
-        return f"{self.settings.serve_host}:{self.proxy_port} (proxy)"
+        host = self.namespace.address if self.namespace else self.settings.serve_host
+        return f"{host}:{self.proxy_port} (proxy)"
+
+    @property
+    def namespace(self) -> NodeNamespace | None:
+        """The node's own network namespace (netns layout), or None when it shares the head's."""
+        return NodeNamespace(self.settings.node_subnet, self.index) if self.settings.netns_layout else None
+
+    @property
+    def relay(self) -> ManagedProcess:
+        """netns layout: Serve binds every proxy to one host (loopback); this relay, inside the node's
+        namespace, takes the node's address and port to that proxy, so NGINX reaches it over the bridge."""
+        return ManagedProcess(f"node-relay-{self.index}", self.settings.state_dir)
 
     @property
     def proxy_port(self) -> int:
@@ -132,7 +155,7 @@ class RayWorker(Service):
         """The head's GCS as this node must dial it. Ray rewrites "127.0.0.1" to the machine's
         outward address when a node may join others, so a head on loopback is named by the same
         address in its IPv4-mapped IPv6 form, where the GCS listens and which Ray leaves alone."""
-        if self.settings.ray_node_ip == "127.0.0.1":
+        if self.settings.ray_node_ip == "127.0.0.1" and not self.namespace:
             return f"[::ffff:127.0.0.1]:{self.settings.ray_gcs_port}"
         return f"{self.settings.ray_node_ip}:{self.settings.ray_gcs_port}"
 
@@ -142,7 +165,7 @@ class RayWorker(Service):
 
     def answers(self) -> bool:
         """Our process runs and Ray lists the node alive (Ray lists a killed node alive a while longer)."""
-        if not self.process.running:
+        if not self.process.running or (self.namespace and not self.relay.running):
             return False
         try:
             return any(self.resource in n.get("resources_total", {}) for n in alive_nodes(self.settings))
@@ -155,8 +178,25 @@ class RayWorker(Service):
         env = ray_env(s)
         env["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(self.proxy_port)
         env["INFER_MODEL_CACHE_DIR"] = str(self.cache_dir)  # a node-local cache of its own
-        # Ray's CLI, through cluster/ray_join.py when the cluster is kept on loopback (see there).
-        ray = [sys.executable, "-m", "cluster.ray_join"] if s.ray_node_ip == "127.0.0.1" else [str(VENV_BIN / "ray")]
+        namespace = self.namespace
+        if namespace:
+            namespace.ensure()
+            env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+            env.update(s.node_service_env())  # the stores at the bridge address, not the node's own loopback
+            relay = [
+                _require("socat"),
+                f"TCP-LISTEN:{self.proxy_port},bind={namespace.address},fork,reuseaddr",
+                f"TCP:{s.serve_host}:{self.proxy_port}",
+            ]
+            self.relay.stop(timeout_s=5)  # one left by a node that died would hold the address
+            self.relay.start(namespace.exec_argv(relay), cwd=REPO_ROOT)
+            ray = [str(VENV_BIN / "ray")]
+            node_ip = namespace.address
+        elif s.ray_node_ip == "127.0.0.1":
+            ray = [sys.executable, "-m", "cluster.ray_join"]  # Ray's CLI kept on loopback (see there)
+            node_ip = s.ray_node_ip
+        else:
+            ray, node_ip = [str(VENV_BIN / "ray")], s.ray_node_ip
         argv = [
             *ray,
             "start",
@@ -164,7 +204,7 @@ class RayWorker(Service):
             self.head_address,
             "--block",
             "--node-ip-address",
-            s.ray_node_ip,
+            node_ip,
             "--num-cpus",
             str(s.worker_num_cpus),
             "--resources",
@@ -180,10 +220,14 @@ class RayWorker(Service):
             str(s.ray_metrics_port + self.index),
             "--disable-usage-stats",
         ]
-        self.process.start(argv, env=env, cwd=REPO_ROOT)
+        self.process.start(namespace.exec_argv(argv) if namespace else argv, env=env, cwd=REPO_ROOT)
 
     def stop(self) -> bool:
-        return self.process.stop(timeout_s=30)
+        stopped = self.process.stop(timeout_s=30)
+        stopped = self.relay.stop(timeout_s=5) or stopped
+        if self.namespace:
+            self.namespace.remove()
+        return stopped
 
 
 def workers(settings: ClusterSettings, count: int | None = None) -> list[RayWorker]:
@@ -225,9 +269,14 @@ def sync_nginx_once(settings: ClusterSettings, upstreams: list[str]) -> str:
 
 
 def sync_nginx_forever(settings: ClusterSettings) -> None:
-    """Every SYNC_INTERVAL_S: the live proxies; when they changed, NGINX re-rendered and reloaded. A failure
-    (Ray or NGINX not answering) is logged and tried again, waiting longer each time up to 30 s."""
+    """Every SYNC_INTERVAL_S: the live proxies; when they changed, NGINX re-rendered and reloaded. And the
+    alive nodes: when they changed (a node lost, cut off, joined), the Serve config is deployed again for
+    them, so a lost node's replicas come back on the others (load_serve_config). A failure (Ray or NGINX
+    not answering) is logged and tried again, waiting longer each time up to 30 s."""
+    from cluster.local import deploy  # (cluster.local imports this module)
+
     last: list[str] | None = None
+    nodes: list[str] | None = None
     failures = 0
     while True:
         try:
@@ -236,6 +285,11 @@ def sync_nginx_forever(settings: ClusterSettings) -> None:
                 outcome = sync_nginx_once(settings, upstreams)
                 print(f"nginx-sync: upstreams {upstreams}: {outcome}", flush=True)
                 last = upstreams
+            alive = node_ids(settings)
+            if nodes is not None and alive != nodes:
+                deploy(settings)
+                print(f"nginx-sync: nodes {len(nodes)} -> {len(alive)}: Serve config deployed for them", flush=True)
+            nodes = alive
             failures = 0
         except Exception as exc:  # the loop outlives any one failure
             failures += 1

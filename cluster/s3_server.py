@@ -41,6 +41,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -860,24 +861,31 @@ def s3_application(keys: KeyPair) -> SigV4Gate:
     return SigV4Gate(create_backend_app("s3"), keys)
 
 
-def serve(host: str, port: int, keys: KeyPair):
+def serve(host: str, port: int, keys: KeyPair, application=None):
     """A threaded server of the gated S3 application (call serve_forever on it; shutdown to stop)."""
-    return make_server(host, port, s3_application(keys), threaded=True, request_handler=_request_handler())
+    application = application or s3_application(keys)
+    return make_server(host, port, application, threaded=True, request_handler=_request_handler())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", action="append", help="an address to listen on (repeat for more; default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9000)
     args = parser.parse_args(argv)
     keys = KeyPair.from_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    server = serve(args.host, args.port, keys)
+    # One server per address, all over the same application (and so the same buckets).
+    application = s3_application(keys)
+    servers = [serve(host, args.port, keys, application) for host in args.host or ["127.0.0.1"]]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    logger.info("S3 (moto, signature-checked) on http://%s:%d, region %s", args.host, server.port, keys.region)
+    for host, server in zip(args.host or ["127.0.0.1"], servers, strict=True):
+        logger.info("S3 (moto, signature-checked) on http://%s:%d, region %s", host, server.port, keys.region)
+    for server in servers[1:]:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     with contextlib.suppress(KeyboardInterrupt, SystemExit):
-        server.serve_forever()
-    server.server_close()
+        servers[0].serve_forever()
+    for server in servers:
+        server.server_close()
 
 
 if __name__ == "__main__":

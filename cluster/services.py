@@ -40,10 +40,18 @@ def ray_env(settings: ClusterSettings) -> dict[str, str]:
     # cluster: then the node's own listeners (Ray Client, dashboard agent, metrics) stay on loopback.
     if settings.ray_node_ip == "127.0.0.1":
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["DASHBOARD_METRIC_PORT"] = str(settings.ray_dashboard_metrics_port)
+    env["AUTOSCALER_METRIC_PORT"] = str(settings.ray_autoscaler_metrics_port)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("RAY_metrics_report_interval_ms", "2000")  # metrics fresh enough for the benchmark
     # A dead Serve proxy is replaced after 3 failed health checks: every 2 s, not Serve's 10 s, so a
     # one-node cluster whose proxy died is back within seconds, not half a minute.
+    # A node that stops answering (lost, cut off) is declared dead after 5 failed checks every 2 s with a
+    # 2 s timeout, about 20 s, not the 65 s of Ray's defaults (3 s period, 10 s timeout); its replicas are
+    # replaced on the other nodes only then.
+    env.setdefault("RAY_health_check_period_ms", "2000")
+    env.setdefault("RAY_health_check_timeout_ms", "2000")
+    env.setdefault("RAY_health_check_failure_threshold", "5")
     env.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "2")
     env.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "2")
     # Callbacks go to public addresses only; the integration tests' receiver lives at this one
@@ -156,7 +164,7 @@ class Redis(Service):
             config,
             "\n".join(
                 [
-                    f"bind {self._url.hostname or '127.0.0.1'}",
+                    f"bind {' '.join(self.settings.bind_hosts(self._url.hostname or '127.0.0.1'))}",
                     f"port {self._url.port or 6379}",
                     'save ""',
                     "appendonly no",
@@ -228,7 +236,7 @@ class MongoDB(Service):
                 "--dbpath",
                 str(self.data_dir),
                 "--bind_ip",
-                self._url.hostname or "127.0.0.1",
+                ",".join(self.settings.bind_hosts(self._url.hostname or "127.0.0.1")),
                 "--port",
                 str(self._url.port or 27017),
                 "--quiet",
@@ -266,7 +274,9 @@ class ObjectStore(Service):
             INFER_S3_SECRET_KEY=self.settings.s3_secret_key.get_secret_value(),
             INFER_S3_REGION=self.settings.s3_region,
         )
-        argv = [sys.executable, "-m", "cluster.s3_server", "--host", url.hostname or "127.0.0.1"]
+        argv = [sys.executable, "-m", "cluster.s3_server"]
+        for host in self.settings.bind_hosts(url.hostname or "127.0.0.1"):
+            argv += ["--host", host]
         self.process.start([*argv, "--port", str(url.port or 9000)], env=env, cwd=REPO_ROOT)
 
 
@@ -294,8 +304,6 @@ class RabbitMQ(Service):
             os.environ,
             HOME=str(base),  # the Erlang cookie lives here, shared by the server and rabbitmqctl
             RABBITMQ_NODENAME=self.node,
-            RABBITMQ_NODE_IP_ADDRESS=self._url.hostname or "127.0.0.1",
-            RABBITMQ_NODE_PORT=str(self._url.port or 5672),
             RABBITMQ_DIST_PORT=str((self._url.port or 5672) + 20000),
             RABBITMQ_MNESIA_BASE=str(base / "mnesia"),
             RABBITMQ_LOG_BASE=str(base / "log"),
@@ -355,9 +363,16 @@ class RabbitMQ(Service):
             raise ServiceError("no RabbitMQ password: INFER_RABBITMQ_PASSWORD or the secrets dir must give one")
         user, password = credentials
         vhost = unquote(self._url.path[1:]) or "/"
+        port = self._url.port or 5672
+        # The first replaces RabbitMQ's default listener (every address); the netns layout adds the bridge.
+        listeners = "".join(
+            f"listeners.tcp.{'default' if i == 0 else i} = {host}:{port}\n"
+            for i, host in enumerate(self.settings.bind_hosts(self._url.hostname or "127.0.0.1"))
+        )
         write_private(
             self.data_dir / "rabbitmq.conf",
             (
+                f"{listeners}"
                 f"default_vhost = {vhost}\ndefault_user = {user}\ndefault_pass = {password}\n"
                 "default_permissions.configure = .*\ndefault_permissions.read = .*\n"
                 "default_permissions.write = .*\n"
@@ -543,7 +558,7 @@ def all_services(settings: ClusterSettings) -> list[Service]:
     ]
 
 
-SPREAD_DEPLOYMENTS = ("Gateway", "EmbeddingModel")  # what must survive the loss of any one node
+SPREAD_DEPLOYMENTS = ("Gateway", "EmbeddingModel", "JobWorker")  # what must survive the loss of any one node
 
 
 def load_serve_config(
@@ -555,10 +570,12 @@ def load_serve_config(
 ) -> dict:
     """The Serve config with this machine's HTTP host and port filled in from settings.
 
-    With more than one node, the gateway gets a replica per node (up to two), and the deployments
-    that must outlive a node are told which nodes there are (`node_set`, a digest of their ids):
-    Serve spreads replicas over nodes when it starts them, so a change of nodes restarts them
-    (rolling, one at a time) and a node that joined takes its share.
+    With more than one node, the gateway gets a replica per node (up to two), and each deployment
+    that must outlive a node is capped per node (`max_replicas_per_node`: its replicas over the
+    nodes, rounded up), so its replicas land on different nodes whatever order Ray places them in.
+    Those deployments are told which nodes there are (`node_set`, a digest of their ids): a change
+    of nodes restarts them (rolling, one at a time), so a node that joined takes its share, and a
+    node lost lifts the cap (the node watcher redeploys, cluster/nodes.py).
     """
     config = yaml.safe_load(source.read_text())
     config.setdefault("http_options", {}).update(host=settings.serve_host, port=settings.serve_port)
@@ -571,6 +588,12 @@ def load_serve_config(
                 continue
             if deployment["name"] == "Gateway":
                 deployment["num_replicas"] = max(deployment.get("num_replicas", 1), min(nodes, 2))
+            if deployment["name"] == "JobWorker" and "autoscaling_config" in deployment:
+                # A job worker on two nodes: jobs keep being consumed while one node is lost or cut off.
+                scaling = deployment["autoscaling_config"]
+                scaling["min_replicas"] = max(scaling.get("min_replicas", 1), min(nodes, scaling["max_replicas"], 2))
+            most = deployment.get("autoscaling_config", {}).get("max_replicas") or deployment.get("num_replicas", 1)
+            deployment["max_replicas_per_node"] = -(-most // nodes)
             options = deployment.setdefault("ray_actor_options", {})
             env = options.setdefault("runtime_env", {}).setdefault("env_vars", {})
             env["INFER_CLUSTER_NODES"] = f"{nodes}:{node_set}" if node_set else str(nodes)

@@ -7,13 +7,20 @@ the replicas load only what they use.
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import Literal
+from urllib.parse import urlparse, urlunparse
 
-from pydantic import Field, computed_field, field_validator
+from pydantic import Field, computed_field, field_validator, model_validator
 
+from cluster import netns
 from serve_app.settings import Settings, load_settings
+
+# The settings that name a stateful service; a worker node in a namespace of its own reaches them
+# at the bridge address instead of loopback.
+SERVICE_URLS = ("redis_url", "mongo_url", "rabbitmq_url", "s3_endpoint")
 
 
 class ClusterSettings(Settings):
@@ -33,11 +40,15 @@ class ClusterSettings(Settings):
 
     # Ray.
     ray_gcs_port: int = 6380
-    ray_node_ip: str = Field("127.0.0.1", description="The head node's address; loopback keeps Ray on this machine.")
+    ray_node_ip: str = Field(
+        "", description="The head node's address. Default (empty): 127.0.0.1, or the bridge address (netns layout)."
+    )
     ray_dashboard_host: str = "127.0.0.1"
     ray_dashboard_port: int = 8265
     ray_num_cpus: int | None = None
     ray_metrics_port: int = Field(8090, description="Prometheus metrics of the head node (Ray's and ours).")
+    ray_dashboard_metrics_port: int = Field(44227, description="The dashboard's own Prometheus metrics.")
+    ray_autoscaler_metrics_port: int = Field(44217, description="The autoscaler monitor's Prometheus metrics.")
     ray_object_store_bytes: int = 512 * 1024 * 1024
 
     # Worker nodes on this machine (`make up WORKERS=N`); None: as many as are running now.
@@ -45,6 +56,15 @@ class ClusterSettings(Settings):
     worker_num_cpus: int = Field(1, ge=1, description="CPUs each worker node offers to Ray.")
     worker_proxy_port_base: int = Field(8100, description="Worker node i's Serve proxy listens on base + i.")
     worker_agent_port_base: int = Field(52370, description="Worker node i's dashboard agent: base + i.")
+    node_network: Literal["auto", "colocated", "netns"] = Field(
+        "auto",
+        description="Where worker nodes live: next to the head on loopback (colocated), or each in a network "
+        "namespace of its own on a bridge (netns; needs root). auto: netns where root, else colocated.",
+    )
+    node_subnet: ipaddress.IPv4Network = Field(
+        ipaddress.IPv4Network("10.77.0.0/24"),
+        description="The node network of the netns layout: the head (bridge) is .1, worker node i is .(10+i).",
+    )
 
     # TLS and NGINX's outer shield (per client address, before any key is looked at).
     nginx_tls_port: int | None = Field(8443, description="HTTPS port; None turns TLS off.")
@@ -65,6 +85,52 @@ class ClusterSettings(Settings):
         if isinstance(value, str) and value.strip().lower() in ("off", "none", "null"):
             return None
         return value
+
+    @model_validator(mode="after")
+    def _node_ip(self) -> ClusterSettings:
+        if not self.ray_node_ip:
+            self.ray_node_ip = self.bridge_address if self.netns_layout else "127.0.0.1"
+        return self
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def netns_layout(self) -> bool:
+        """Worker nodes in network namespaces of their own (see cluster/netns.py)."""
+        if self.node_network == "auto":
+            return netns.available()
+        return self.node_network == "netns"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bridge_address(self) -> str | None:
+        """The head's address on the node network (netns layout only)."""
+        return netns.bridge_address(self.node_subnet) if self.netns_layout else None
+
+    def bind_hosts(self, host: str) -> list[str]:
+        """Where a stateful service named by `host` listens: there, and on the bridge too in the netns layout
+        (worker nodes reach it there), when `host` is loopback."""
+        if self.bridge_address and _is_loopback(host) and host != self.bridge_address:
+            return [host, self.bridge_address]
+        return [host]
+
+    def unguarded_ray_ports(self) -> list[int]:
+        """The head's Prometheus endpoints: Ray binds them to every address when the node address is not
+        loopback (netns layout), so the bring-up admits them only from loopback and the node bridge."""
+        return [self.ray_metrics_port, self.ray_dashboard_metrics_port, self.ray_autoscaler_metrics_port]
+
+    def node_service_env(self) -> dict[str, str]:
+        """INFER_* URLs of the stateful services as a worker node in its own namespace must dial them."""
+        if not self.bridge_address:
+            return {}
+        env = {}
+        for name in SERVICE_URLS:
+            url = urlparse(getattr(self, name))
+            if url.hostname and _is_loopback(url.hostname):
+                netloc = url.netloc.rsplit("@", 1)
+                host_port = netloc[-1].replace(url.hostname, self.bridge_address, 1)
+                netloc = "@".join([*netloc[:-1], host_port])
+                env[f"INFER_{name.upper()}"] = urlunparse(url._replace(netloc=netloc))
+        return env
 
     # The local services.
     rabbitmq_epmd_port: int = Field(4370, description="The local RabbitMQ's own epmd (Erlang port mapper).")
@@ -134,12 +200,21 @@ class ClusterSettings(Settings):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def ray_address(self) -> str:
-        return f"127.0.0.1:{self.ray_gcs_port}"
+        return f"{self.ray_node_ip}:{self.ray_gcs_port}"
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def s3_host(self) -> str:
         return urlparse(self.s3_endpoint).netloc
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def load_cluster_settings() -> ClusterSettings:

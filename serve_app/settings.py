@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     history_batch_size: int = 500
     history_buffer_size: int = 50_000
     rabbitmq_url: str = Field("amqp://127.0.0.1:5672/infer", description="Host, port and vhost (the path).")
+    rabbitmq_heartbeat_s: int = Field(
+        15,
+        ge=0,
+        description="AMQP heartbeat: a consumer cut off is dropped (its jobs redelivered) after about 2x this.",
+    )
     rabbitmq_username: str = "infer"
     rabbitmq_password: SecretStr | None = None
     s3_endpoint: str = "http://127.0.0.1:9000"

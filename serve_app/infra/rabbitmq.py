@@ -14,5 +14,5 @@ def connection_parameters(settings: Settings) -> pika.URLParameters:
     params.socket_timeout = 5
     params.blocked_connection_timeout = 10
     params.connection_attempts = 1
-    params.heartbeat = 30
+    params.heartbeat = settings.rabbitmq_heartbeat_s
     return params

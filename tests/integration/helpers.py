@@ -29,8 +29,17 @@ def wait_for(api, job_id: str, done=lambda job: job["status"] in TERMINAL, timeo
         time.sleep(0.2)
 
 
-def listener_pid(port: int) -> int | None:
-    """The process listening on a TCP port of this machine (a Serve proxy, say), if any."""
-    listing = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=False).stdout
-    match = re.search(r"pid=(\d+)", listing)
-    return int(match.group(1)) if match else None
+def listener_pid(port: int, *, namespace: str | None = None, host: str | None = None) -> int | None:
+    """The process listening on a TCP port of this machine (a Serve proxy, say), if any; in a network
+    namespace (a worker node's, in the netns layout) and on one address (`host`) when given."""
+    argv = ["ss", "-ltnpH", f"sport = :{port}"]
+    if namespace:
+        argv = ["ip", "netns", "exec", namespace, *argv]
+    listing = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+    for line in listing.splitlines():
+        fields = line.split()
+        if host is not None and fields[3].rsplit(":", 1)[0].strip("[]") != host:
+            continue
+        if match := re.search(r"pid=(\d+)", line):
+            return int(match.group(1))
+    return None

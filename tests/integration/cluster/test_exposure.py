@@ -19,6 +19,7 @@ from pika.exceptions import ProbableAccessDeniedError, ProbableAuthenticationErr
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
+from cluster import netns
 from cluster.nodes import recorded_workers
 from cluster.processes import ManagedProcess, descendants
 from cluster.secrets import ray_auth_headers
@@ -29,17 +30,17 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 RAY_PROCESS = re.compile(r"^(ray::|raylet$|gcs_server$|python)")
 
 
-def readme_listeners() -> dict[int, str]:
-    """port -> what the README says it is bound to, from its 'What listens where' table."""
+def readme_listeners(netns_layout: bool) -> dict[int, str]:
+    """port -> what the README says it is bound to in this layout, from its 'What listens where' table."""
     text = (REPO_ROOT / "README.md").read_text()
     section = text.split("### What listens where", 1)[1].split("\n#", 1)[0]
     table: dict[int, str] = {}
     for row in section.splitlines():
         cells = [c.strip() for c in row.strip().strip("|").split("|")]
-        if len(cells) < 4 or not re.match(r"^\d", cells[0]):
+        if len(cells) < 5 or not re.match(r"^\d", cells[0]):
             continue
         for port in re.findall(r"\d{2,5}", cells[0]):
-            table[int(port)] = cells[2]
+            table[int(port)] = cells[3] if netns_layout else cells[2]
     return table
 
 
@@ -68,8 +69,10 @@ def listeners(pids: set[int]) -> list[tuple[str, int, str]]:
 
 
 def test_the_readme_says_truly_what_listens_where(settings):
-    table = readme_listeners()
-    assert {8080, 8443, 8000, 8265, 6379, 27017, 5672, 9000, 10001} <= set(table), table
+    table = readme_listeners(settings.netns_layout)
+    assert {8080, 8443, 8000, 8265, 6379, 27017, 5672, 9000, 10001, 8090, 44217, 44227} <= set(table), table
+    # "127.0.0.1 + bridge": loopback and the node bridge's address (netns layout) and nothing else.
+    bridge = {settings.bridge_address, f"::ffff:{settings.bridge_address}"} if settings.netns_layout else set()
     ours = listeners(our_pids(settings))
     assert ours, "no listener found for the cluster's processes"
     by_port: dict[int, set[str]] = {}
@@ -79,8 +82,10 @@ def test_the_readme_says_truly_what_listens_where(settings):
     for port, bound in table.items():
         if port not in by_port:
             wrong.append(f"{port}: the README lists it, nothing of ours listens there")
-        elif bound.startswith("127.0.0.1") and not by_port[port] <= LOOPBACK:
-            wrong.append(f"{port}: the README says loopback, it listens on {sorted(by_port[port])}")
+        elif bound.startswith("127.0.0.1") and not by_port[port] <= LOOPBACK | (bridge if "bridge" in bound else set()):
+            wrong.append(f"{port}: the README says {bound!r}, it listens on {sorted(by_port[port])}")
+        elif "guarded" in bound and port not in netns.guarded_ports():
+            wrong.append(f"{port}: the README says it is guarded, nftables does not guard it")
     # Anything else we run listens on loopback, but for Ray's worker ports, which its token guards.
     for address, port, name in ours:
         if port in table or address in LOOPBACK:
@@ -187,3 +192,45 @@ def test_the_state_dir_and_what_holds_secrets_or_logs_are_for_the_owner_only(set
     assert logs
     readable = {str(p): oct(mode(p)) for p in logs if mode(p) & 0o077}
     assert not readable, readable
+
+
+STRANGER_HOST, STRANGER = "198.19.77.1", "198.19.77.2"  # a link of its own, off the node network
+
+
+def _connects(namespace: str, host: str, port: int) -> bool:
+    probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=3).close()"
+    return subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", probe], check=False).returncode == 0
+
+
+def test_in_the_netns_layout_rays_open_metrics_ports_answer_only_this_machine_and_the_node_network(settings):
+    """Ray opens its Prometheus endpoints on every address once the head is on the bridge: a stranger on
+    another link must not reach them (while it reaches the token-guarded GCS: the link works), a node
+    on the bridge must (Prometheus scrapes from there)."""
+    if not settings.netns_layout:
+        pytest.skip("the colocated layout keeps these ports on loopback (checked by the README table)")
+    ports = settings.unguarded_ray_ports()
+    name, host_link = f"infer-stranger-{os.getpid()}", f"infstr{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        steps = [
+            ["link", "add", host_link, "type", "veth", "peer", "name", "eth0", "netns", name],
+            ["addr", "add", f"{STRANGER_HOST}/30", "dev", host_link],
+            ["link", "set", host_link, "up"],
+            ["-n", name, "addr", "add", f"{STRANGER}/30", "dev", "eth0"],
+            ["-n", name, "link", "set", "eth0", "up"],
+            ["-n", name, "link", "set", "lo", "up"],
+        ]
+        for step in steps:
+            subprocess.run(["ip", *step], check=True)
+        assert _connects(name, STRANGER_HOST, settings.ray_gcs_port), "the stranger's link does not work"
+        reached = [port for port in ports if _connects(name, STRANGER_HOST, port)]
+        assert not reached, f"a stranger reached Ray's metrics on {reached}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+        subprocess.run(["ip", "link", "del", host_link], check=False, capture_output=True)
+    node = netns.NodeNamespace(settings.node_subnet, 9)  # a node that is not running, wired to the bridge
+    node.ensure()
+    try:
+        assert all(_connects(node.name, settings.bridge_address, port) for port in ports)
+    finally:
+        node.remove()

@@ -1,5 +1,7 @@
 """More than one Ray node on this machine: a worker node joins, takes replicas behind its own proxy
-with weights it pulled itself, is lost under load, and joins again (`make up WORKERS=1`).
+with weights it pulled itself, is lost under load, joins again (`make up WORKERS=1`), and (in the
+netns layout, where the worker has a network namespace and an address of its own) is cut off by a
+partition and comes back without a split.
 
 The figures (requests failed at the loss, seconds to full strength, seconds to join and serve) are
 written to <state_dir>/multinode-figures.json for the README's multi-node section.
@@ -17,12 +19,13 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from pymongo import MongoClient
 
 from cluster import local
-from cluster.nodes import layout, serve_details, workers
+from cluster.nodes import alive_nodes, layout, serve_details, worker_index, workers
 from cluster.processes import descendants, wait_until
 from serve_app.model_repository import VERIFIED_MARKER
-from tests.integration.helpers import listener_pid
+from tests.integration.helpers import listener_pid, submit, texts
 
 MODEL = "all-minilm-l6-v2"
 CLIENTS = 8
@@ -33,7 +36,9 @@ def head_proxy(settings) -> str:
 
 
 def worker_proxy(settings) -> str:
-    return f"{settings.serve_host}:{settings.worker_proxy_port_base + 1}"
+    """The worker's proxy as NGINX names it: on loopback next to the head, at its own address in a namespace."""
+    namespace = workers(settings, 1)[0].namespace
+    return f"{namespace.address if namespace else settings.serve_host}:{settings.worker_proxy_port_base + 1}"
 
 
 def settled(settings) -> bool:
@@ -77,6 +82,19 @@ def serving_on_two_nodes(settings) -> bool:
         and "EmbeddingModel" in running(settings, "head")
         and {"EmbeddingModel", "Gateway"} <= set(worker)
         and worker_proxy(settings) in upstreams(settings)
+    )
+
+
+def on_the_head_alone(settings) -> bool:
+    """What the head runs by itself, redeployed for one node by the node watcher: both model replicas,
+    a gateway and a job worker, with nothing still starting."""
+    head = running(settings, "head")
+    return (
+        settled(settings)
+        and head.count("EmbeddingModel") >= 2
+        and "Gateway" in head
+        and "JobWorker" in head
+        and not running(settings, "worker-1")
     )
 
 
@@ -183,13 +201,18 @@ def kill_node(pid: int) -> None:
 def test_losing_the_worker_nodes_proxy_under_load_costs_at_most_its_in_flight_requests(settings, auth_headers, worker):
     """NGINX retries embeddings on the head's proxy while Serve replaces the worker's."""
     port = settings.worker_proxy_port_base + 1
-    before = listener_pid(port)
+    namespace = workers(settings, 1)[0].namespace
+
+    def proxy_pid() -> int | None:  # Serve's proxy (in the netns layout, not the relay in front of it)
+        return listener_pid(port, namespace=namespace.name if namespace else None, host=settings.serve_host)
+
+    before = proxy_pid()
     assert before is not None
     with Load(settings, auth_headers) as load:
         time.sleep(4)
         killed_at = time.monotonic()
         os.kill(before, signal.SIGKILL)
-        assert wait_until(lambda: listener_pid(port) not in (None, before), 60, interval_s=0.2)
+        assert wait_until(lambda: proxy_pid() not in (None, before), 60, interval_s=0.2)
         replaced = time.monotonic() - killed_at
         time.sleep(4)
     failed = [o for o in load.outcomes if o.status != 200]
@@ -212,12 +235,11 @@ def test_losing_the_worker_node_under_load_costs_at_most_its_in_flight_requests(
         time.sleep(8)
         killed_at = time.monotonic()
         kill_node(node.process.pid)
+        if node.relay.pid is not None:  # the netns layout's relay to the node's proxy goes with the node
+            kill_node(node.relay.pid)
 
         def back_to_strength() -> bool:
-            head = running(settings, "head")
-            return (
-                head.count("EmbeddingModel") >= 2 and head.count("Gateway") >= 2 and not running(settings, "worker-1")
-            )
+            return on_the_head_alone(settings)
 
         assert wait_until(back_to_strength, 180, interval_s=0.5), layout(settings)
         figures["seconds_to_full_strength"] = round(time.monotonic() - killed_at, 1)
@@ -255,6 +277,132 @@ def test_a_node_that_rejoins_takes_replicas_again(settings, api):
     )
     answer = api.post("/v1/embeddings", json={"model": MODEL, "input": "after the rejoin"})
     assert answer.status_code == 200
+
+
+def in_namespace(pid: int, namespace: str) -> bool:
+    """Whether a process lives in a node's network namespace (its job worker, say)."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{namespace}").st_ino
+    except OSError:
+        return False
+
+
+def worker_node_ids(settings) -> list[str]:
+    """The ids of every alive Ray node that says it is worker node 1."""
+    return [n["node_id"] for n in alive_nodes(settings) if worker_index(n) == 1]
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_partition_cuts_the_worker_off_its_jobs_finish_once_and_it_comes_back_without_a_split(
+    settings, api, auth_headers
+):
+    node = workers(settings, 1)[0]
+    namespace = node.namespace
+    if namespace is None:
+        pytest.skip("a partition needs the netns layout (root, iproute2 and nftables; INFER_NODE_NETWORK)")
+    assert wait_until(
+        lambda: serving_on_two_nodes(settings) and "JobWorker" in running(settings, "worker-1"), 240, interval_s=1
+    ), layout(settings)
+    [cut_off_node] = worker_node_ids(settings)
+    figures: dict = {}
+    with MongoClient(settings.mongo_url, **settings.mongo_options()) as mongo:
+        jobs = mongo[settings.mongo_db]["jobs"]
+
+        def running_on_the_worker(ids: list[str]) -> set[str]:
+            found = jobs.find({"_id": {"$in": ids}, "status": "running"}, {"worker": 1, "progress": 1})
+            return {
+                job["_id"]
+                for job in found
+                if in_namespace(job.get("worker", {}).get("pid", 0), namespace.name)
+                and job["progress"]["done"] < job["progress"]["total"]
+            }
+
+        with Load(settings, auth_headers) as load:
+            ids: list[str] = []
+            cut: set[str] = set()
+
+            def some_on_the_worker() -> bool:
+                cut.update(running_on_the_worker(ids))
+                return bool(cut)
+
+            for _ in range(5):  # jobs until one is running on the worker node
+                for _ in range(4):
+                    answer = submit(api, input=texts(400, "partition"))
+                    assert answer.status_code == 202, answer.text
+                    ids.append(answer.json()["id"])
+                if wait_until(some_on_the_worker, 30, interval_s=0.1):
+                    break
+            assert cut, "no job ran on the worker node"
+            namespace.link_down()
+            cut_at = time.monotonic()
+            # What the worker was running at the cut, read after it: a cut-off worker writes nothing more.
+            cut = running_on_the_worker(ids)
+            assert cut, "the worker's jobs ended just before the cut"
+            try:
+                assert wait_until(lambda: not worker_node_ids(settings), 120, interval_s=0.5), layout(settings)
+                figures["seconds_to_node_declared_dead"] = round(time.monotonic() - cut_at, 1)
+
+                assert wait_until(lambda: on_the_head_alone(settings), 180, interval_s=0.5), layout(settings)
+                figures["seconds_to_full_strength"] = round(time.monotonic() - cut_at, 1)
+                settled_at = time.monotonic()
+                finished = wait_until(
+                    lambda: jobs.count_documents({"_id": {"$in": ids}, "status": {"$in": ["running", "queued"]}}) == 0,
+                    300,
+                    interval_s=0.5,
+                )
+                figures["seconds_to_every_job_ended"] = round(time.monotonic() - cut_at, 1)
+                time.sleep(max(0.0, 8 - (time.monotonic() - settled_at)))
+            finally:
+                load.stop.set()
+                namespace.link_up()
+        healed_at = time.monotonic()
+        ended = {job["_id"]: job for job in jobs.find({"_id": {"$in": ids}})}
+        assert finished, {i: ended[i]["status"] for i in ids}
+        outcomes = load.outcomes
+        failed = [o for o in outcomes if o.status != 200]
+        figures.update(
+            jobs=len(ids),
+            jobs_cut_off=len(cut),
+            requests=len(outcomes),
+            failed=len(failed),
+            failed_statuses=sorted({o.status for o in failed}),
+            succeeded_while_cut_off=sum(
+                1
+                for o in outcomes
+                if cut_at < o.ended < cut_at + figures["seconds_to_full_strength"] and o.status == 200
+            ),
+        )
+        # The head kept serving while the worker was cut off; once back at strength, nothing failed.
+        assert figures["succeeded_while_cut_off"] > 0, figures
+        assert not [o for o in failed if o.started > settled_at + 5], figures
+        # Every job finished, those cut off by a delivery on the head after the broker let go of the worker.
+        assert {job["status"] for job in ended.values()} == {"succeeded"}, {i: j.get("error") for i, j in ended.items()}
+        for job_id in cut:
+            job = ended[job_id]
+            assert job["attempts"] >= 2, job
+            assert not in_namespace(job["worker"]["pid"], namespace.name), job
+
+        # The link is back: the cut-off node was declared dead and never serves again; worker 1 comes back
+        # as a new node (`make up WORKERS=1`), one of it, and no job ends a second time.
+        time.sleep(10)
+        assert cut_off_node not in worker_node_ids(settings)
+        local.up(with_workers(settings, 1))
+        assert wait_until(lambda: serving_on_two_nodes(settings), 240, interval_s=0.5), layout(settings)
+        figures["seconds_to_serve_after_heal"] = round(time.monotonic() - healed_at, 1)
+        assert len(worker_node_ids(settings)) == 1
+        assert cut_off_node not in worker_node_ids(settings)
+        again = {job["_id"]: job for job in jobs.find({"_id": {"$in": ids}})}
+        for job_id, job in ended.items():
+            assert (again[job_id]["status"], again[job_id]["finished_at"], again[job_id]["attempts"]) == (
+                job["status"],
+                job["finished_at"],
+                job["attempts"],
+            ), f"job {job_id} changed after the partition healed"
+    for job_id in ids:
+        result = api.get(f"/v1/jobs/{job_id}/result")
+        assert result.status_code == 200, result.text
+        assert len(result.json()["data"]) == 400
+    _record(settings, "partition", figures)
 
 
 def _record(settings, name: str, figures: dict) -> None:

@@ -3,7 +3,7 @@ the NGINX config that balances over them."""
 
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.nodes import RayWorker, proxy_port, worker_index
+from cluster.nodes import RayWorker, proxy_address, proxy_port, worker_index
 from cluster.services import Nginx, load_serve_config
 from cluster.settings import ClusterSettings
 
@@ -25,16 +25,20 @@ def test_more_nodes_spread_the_gateway_and_the_model_and_a_new_node_set_restarts
     ServeDeploySchema.model_validate(two)
     by_name = deployments(two)
     assert by_name["Gateway"]["num_replicas"] == 2
-    for name in ("Gateway", "EmbeddingModel"):
+    for name in ("Gateway", "EmbeddingModel", "JobWorker"):
         assert by_name[name]["ray_actor_options"]["runtime_env"]["env_vars"]["INFER_CLUSTER_NODES"] == "2:abc"
-    assert "runtime_env" not in by_name["JobWorker"].get("ray_actor_options", {})
+    assert by_name["JobWorker"]["autoscaling_config"]["min_replicas"] == 2  # jobs go on when a node is lost
+    # One replica per node, whatever order Ray places them in; none capped on one node.
+    assert {by_name[name]["max_replicas_per_node"] for name in ("Gateway", "EmbeddingModel", "JobWorker")} == {1}
+    assert all("max_replicas_per_node" not in d for d in deployments(load_serve_config(settings)).values())
+    assert deployments(load_serve_config(settings))["JobWorker"]["autoscaling_config"]["min_replicas"] == 1
     other = deployments(load_serve_config(settings, nodes=2, node_set="def"))
     assert other["EmbeddingModel"] != by_name["EmbeddingModel"], "a new node set must change the config"
     assert deployments(load_serve_config(settings, nodes=3))["Gateway"]["num_replicas"] == 2
 
 
 def test_a_worker_node_is_found_by_its_resource_and_its_proxy_by_its_index():
-    settings = ClusterSettings()
+    settings = ClusterSettings(node_network="colocated")
     head = {"resources_total": {"CPU": 2.0, "node:__internal_head__": 1.0}}
     worker = {"resources_total": {"CPU": 1.0, "infer_worker_3": 1.0}}
     assert worker_index(head) is None
@@ -68,3 +72,43 @@ def test_tls_can_be_turned_off_from_the_environment(monkeypatch):
         assert ClusterSettings().nginx_tls_port is None
     monkeypatch.setenv("INFER_NGINX_TLS_PORT", "9443")
     assert ClusterSettings().nginx_tls_port == 9443
+
+
+def test_the_netns_layout_puts_the_head_on_the_bridge_and_each_worker_at_an_address_of_its_own():
+    settings = ClusterSettings(node_network="netns", node_subnet="10.88.0.0/24")
+    assert settings.netns_layout
+    assert settings.bridge_address == "10.88.0.1"
+    assert settings.ray_node_ip == "10.88.0.1"  # the head is dialled over the bridge
+    node = RayWorker("ray-worker-2", settings, index=2)
+    assert node.namespace.name == "infer-node-2"
+    assert node.namespace.address == "10.88.0.12"
+    assert node.head_address == f"10.88.0.1:{settings.ray_gcs_port}"
+    assert node.namespace.exec_argv(["ray", "start"]) == ["ip", "netns", "exec", "infer-node-2", "ray", "start"]
+    # NGINX reaches the head's proxy on loopback, a worker's at the worker's address (its relay).
+    head = {"node_ip": "10.88.0.1", "resources_total": {"CPU": 2.0}}
+    worker = {"node_ip": "10.88.0.12", "resources_total": {"infer_worker_2": 1.0}}
+    assert proxy_address(settings, head) == f"127.0.0.1:{settings.serve_port}"
+    assert proxy_address(settings, worker) == f"10.88.0.12:{settings.worker_proxy_port_base + 2}"
+
+
+def test_in_the_netns_layout_the_stores_listen_on_the_bridge_too_and_workers_dial_them_there():
+    settings = ClusterSettings(
+        node_network="netns",
+        redis_url="redis://127.0.0.1:6390/2",
+        mongo_url="mongodb://user:pw@localhost:27018/?directConnection=true",
+        rabbitmq_url="amqp://127.0.0.1:5673/infer",
+        s3_endpoint="https://s3.example.com",
+    )
+    assert settings.bind_hosts("127.0.0.1") == ["127.0.0.1", "10.77.0.1"]
+    assert settings.bind_hosts("192.0.2.7") == ["192.0.2.7"]  # a store elsewhere is left where it is
+    assert settings.node_service_env() == {
+        "INFER_REDIS_URL": "redis://10.77.0.1:6390/2",
+        "INFER_MONGO_URL": "mongodb://user:pw@10.77.0.1:27018/?directConnection=true",
+        "INFER_RABBITMQ_URL": "amqp://10.77.0.1:5673/infer",
+    }
+    colocated = ClusterSettings(node_network="colocated")
+    assert colocated.ray_node_ip == "127.0.0.1"
+    assert colocated.bridge_address is None
+    assert colocated.bind_hosts("127.0.0.1") == ["127.0.0.1"]
+    assert colocated.node_service_env() == {}
+    assert ClusterSettings(node_network="netns", ray_node_ip="192.0.2.9").ray_node_ip == "192.0.2.9"
