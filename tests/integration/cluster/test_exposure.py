@@ -27,7 +27,9 @@ from cluster.services import all_services
 from serve_app.settings import REPO_ROOT
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-RAY_PROCESS = re.compile(r"^(ray::|raylet$|gcs_server$|python)")
+# Ray's processes whose gRPC ports its token guards: workers, raylet, GCS, and the dashboard's module
+# processes (ray-dashboard-<module>, a Ray driver each, with a worker's gRPC server).
+RAY_PROCESS = re.compile(r"^(ray::|raylet$|gcs_server$|python|ray-dashboard-)")
 
 
 def readme_listeners(netns_layout: bool) -> dict[int, str]:

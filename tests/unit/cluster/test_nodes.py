@@ -57,7 +57,7 @@ def test_nginx_balances_over_the_given_proxies_and_retries_only_embeddings_after
     assert "server 127.0.0.1:8000 max_fails=3 fail_timeout=10s;" in rendered
     assert "server 127.0.0.1:8101 max_fails=3 fail_timeout=10s;" in rendered
     embeddings = rendered.split("location = /v1/embeddings {", 1)[1].split("}", 1)[0]
-    assert "proxy_next_upstream error timeout http_502 non_idempotent;" in embeddings
+    assert "proxy_next_upstream error timeout http_502 http_500 non_idempotent;" in embeddings
     rest = (
         rendered.split("location = /v1/embeddings {", 1)[0]
         + rendered.split("location = /v1/embeddings {", 1)[1][len(embeddings) :]
