@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo
@@ -47,9 +48,15 @@ class ModelClient:
         return await self._call("embed", texts, timeout_s=self.timeout_s)
 
     async def _call(self, method: str, *args: object, timeout_s: float):
+        """Both methods are pure: a call whose replica died under it (its node lost or cut off) is made
+        once more, within the same time budget, and Serve routes it to a replica that lives."""
         try:
             async with asyncio.timeout(timeout_s):
-                return await getattr(self.handle, method).remote(*args)
+                try:
+                    return await getattr(self.handle, method).remote(*args)
+                except RayActorError as exc:
+                    logger.warning("model %s.%s: its replica died (%s); trying another", self.name, method, exc)
+                    return await getattr(self.handle, method).remote(*args)
         except TimeoutError as exc:
             raise ServiceUnavailableError(f"model {self.name!r} did not answer within {timeout_s:g}s") from exc
         except Exception as exc:  # any failure of the remote replica is the model being unavailable

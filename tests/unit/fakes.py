@@ -8,6 +8,7 @@ import inspect
 import time
 
 import numpy as np
+from ray.exceptions import ActorDiedError
 
 from serve_app.auth.credentials import Principal
 from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo
@@ -40,6 +41,7 @@ class FakeModelHandle:
         self.version = version
         self.embedded: list[list[str]] = []
         self.fail = False
+        self.replica_deaths = 0  # the next this many calls fail as a replica that died under them
         self.delay_s = 0.0  # how long each embed call takes (then calls can overlap)
         self.active = 0
         self.max_active = 0  # the most embed calls in progress at once
@@ -54,6 +56,9 @@ class FakeModelHandle:
             self.active -= 1
 
     def _embed(self, texts: list[str]) -> EmbeddingBatch:
+        if self.replica_deaths:
+            self.replica_deaths -= 1
+            raise ActorDiedError()
         if self.fail:
             raise RuntimeError("replica died")
         self.embedded.append(list(texts))

@@ -61,6 +61,20 @@ def test_unknown_model_and_wrong_dimensions_are_client_errors():
     assert run(service.embed(handle.name, ["x"], dimensions=8)).vectors.shape == (1, 8)
 
 
+def test_a_call_whose_replica_died_is_made_once_more_and_only_once():
+    handle, cache = FakeModelHandle(), DictCache()
+    service = make_service(handle, cache)
+    handle.replica_deaths = 1  # its node lost: Serve routes the second call to a replica that lives
+    outcome = run(service.embed(handle.name, ["after a node loss"]))
+    np.testing.assert_allclose(outcome.vectors[0], fake_vector("1after a node loss", handle.dims))
+    assert handle.embedded == [["after a node loss"]]
+    handle.replica_deaths = 2
+    with pytest.raises(ServiceUnavailableError, match="ActorDiedError"):
+        run(service.embed(handle.name, ["two deaths in a row"]))
+    assert handle.replica_deaths == 0
+    assert handle.embedded == [["after a node loss"]]
+
+
 def test_a_failing_model_is_service_unavailable():
     handle = FakeModelHandle()
     handle.fail = True
