@@ -20,6 +20,7 @@ arrive on any other interface (what a security group does for a real cluster).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import shutil
@@ -42,9 +43,16 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+@functools.lru_cache
 def available() -> bool:
-    """Whether this process may make namespaces, links and the port guard: root, iproute2 and nftables."""
-    return os.geteuid() == 0 and all(shutil.which(p) or os.path.exists(f"/usr/sbin/{p}") for p in ("ip", "nft"))
+    """Whether this process may make namespaces, links and the port guard: root, iproute2 and nftables
+    installed, and the kernel's netfilter answering (a container may lack it)."""
+    if os.geteuid() != 0 or not all(shutil.which(p) or os.path.exists(f"/usr/sbin/{p}") for p in ("ip", "nft")):
+        return False
+    try:
+        return _nft("list", "tables", check=False).returncode == 0
+    except OSError:
+        return False
 
 
 def _nft(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
