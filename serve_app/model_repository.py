@@ -13,13 +13,15 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
+from minio.helpers import ProgressType
 from pydantic import BaseModel
 
 from serve_app.infra.s3 import object_store_client
@@ -40,6 +42,10 @@ class ChecksumMismatchError(ValueError):
 
 class VersionConflictError(ValueError):
     """A version already exists with other files: versions are immutable, push a new one."""
+
+
+class NotAModelError(ValueError):
+    """A directory that is not a model the replicas can load (nothing of it is pushed)."""
 
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -66,6 +72,12 @@ class Manifest(BaseModel):
     dims: int
     files: list[ManifestFile]
     created: datetime
+    max_tokens: int | None = None  # the longest input the model reads (longer ones are truncated)
+    pooling: str | None = None  # how token vectors become one (mean, cls, max)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
 
     @property
     def digest(self) -> str:
@@ -100,11 +112,26 @@ class ModelRepository:
         if not self.client.bucket_exists(self.bucket):
             self.client.make_bucket(self.bucket)
 
-    def push(self, local_dir: Path, name: str, version: str, *, framework: str, task: str, dims: int) -> Manifest:
+    def push(
+        self,
+        local_dir: Path,
+        name: str,
+        version: str,
+        *,
+        framework: str,
+        task: str,
+        dims: int,
+        max_tokens: int | None = None,
+        pooling: str | None = None,
+        progress: Callable[[ManifestFile], ProgressType | None] | None = None,
+    ) -> Manifest:
         """Upload every file of local_dir as name/version; pushing the same files again changes nothing.
 
         A version is immutable: the same name and version with other files is refused, because
-        caches (Redis results, node-local weights) are keyed by name and version.
+        caches (Redis results, node-local weights) are keyed by name and version. The manifest
+        goes last: until it is there the version does not exist for anyone (a push that fails
+        half-way leaves nothing visible). Big files go up in parts (minio's multipart upload);
+        `progress(file)` may give each upload a progress object (minio's set_meta/update).
         """
         check_name("model name", name)
         check_name("version", version)
@@ -121,6 +148,8 @@ class ModelRepository:
             dims=dims,
             files=files,
             created=datetime.now(UTC),
+            max_tokens=max_tokens,
+            pooling=pooling,
         )
         try:
             existing = self.manifest(name, version)
@@ -136,7 +165,8 @@ class ModelRepository:
         self.ensure_bucket()
         prefix = f"{name}/{version}/"
         for f in files:
-            self.client.fput_object(self.bucket, prefix + f.path, str(local_dir / f.path))
+            shown = progress(f) if progress else None
+            self.client.fput_object(self.bucket, prefix + f.path, str(local_dir / f.path), progress=shown)
         body = candidate.model_dump_json(indent=2).encode()
         self.client.put_object(
             self.bucket, prefix + MANIFEST, io.BytesIO(body), len(body), content_type="application/json"
@@ -157,6 +187,39 @@ class ModelRepository:
         finally:
             response.close()
             response.release_conn()
+
+    def names(self) -> list[str]:
+        """Every model name that has objects (a name whose pushes all failed lists no versions)."""
+        if not self.client.bucket_exists(self.bucket):
+            return []
+        return sorted(o.object_name.rstrip("/") for o in self.client.list_objects(self.bucket) if o.is_dir)
+
+    def versions(self, name: str) -> list[Manifest]:
+        """The manifests of a model's versions, oldest first; a version without one (a push under way
+        or one that failed) is not a version."""
+        check_name("model name", name)
+        found = []
+        for entry in self.client.list_objects(self.bucket, prefix=f"{name}/"):
+            if not entry.is_dir:
+                continue
+            try:
+                found.append(self.manifest(name, entry.object_name[len(name) + 1 :].rstrip("/")))
+            except VersionNotFoundError:
+                continue
+        return sorted(found, key=lambda m: m.created)
+
+    def delete(self, name: str, version: str) -> Manifest:
+        """Remove a version: its manifest first (the version is gone for everyone at once), then its files."""
+        check_name("model name", name)
+        check_name("version", version)
+        manifest = self.manifest(name, version)
+        prefix = f"{name}/{version}/"
+        self.client.remove_object(self.bucket, prefix + MANIFEST)
+        leftovers = [DeleteObject(o.object_name) for o in self.client.list_objects(self.bucket, prefix, recursive=True)]
+        failures = list(self.client.remove_objects(self.bucket, leftovers))
+        if failures:
+            raise OSError(f"{len(failures)} files of {self.uri(name, version)} were not removed: {failures[0]}")
+        return manifest
 
     def fetch(self, name: str, version: str, cache_root: Path) -> tuple[Path, Manifest]:
         """Make cache_root/name/version hold the verified files; one download per node.
@@ -229,7 +292,45 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+POOLING_MODES = {
+    "cls": "cls_token",
+    "mean": "mean_tokens",
+    "max": "max_tokens",
+    "mean_sqrt_len": "mean_sqrt_len_tokens",
+}
+
+
 def describe_sentence_transformer(local_dir: Path) -> dict[str, object]:
-    """Manifest fields read from a sentence-transformers directory."""
-    config = json.loads((local_dir / "config.json").read_text())
-    return {"framework": "transformers", "task": "sentence-embedding", "dims": int(config["hidden_size"])}
+    """Manifest fields read from a sentence-transformers (or plain Hugging Face transformers) directory;
+    NotAModelError says what is missing from one that is neither."""
+    if not local_dir.is_dir():
+        raise NotAModelError(f"{local_dir} is not a directory")
+    missing = [name for name in ("config.json",) if not (local_dir / name).is_file()]
+    if not any((local_dir / name).is_file() for name in WEIGHT_FILES):
+        missing.append(" or ".join(WEIGHT_FILES))
+    if not any((local_dir / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        missing.append("tokenizer.json or vocab.txt")
+    if missing:
+        raise NotAModelError(f"{local_dir} is not a transformers model directory: no {', no '.join(missing)}")
+    try:
+        config = json.loads((local_dir / "config.json").read_text())
+        dims = int(config["hidden_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NotAModelError(f"{local_dir}/config.json has no readable hidden_size: {exc}") from exc
+    max_tokens = config.get("max_position_embeddings")
+    st_config = local_dir / "sentence_bert_config.json"
+    if st_config.is_file():
+        max_tokens = json.loads(st_config.read_text()).get("max_seq_length", max_tokens)
+    pooling = "mean"  # what the replicas do for a plain transformers model
+    pooling_config = local_dir / "1_Pooling" / "config.json"
+    if pooling_config.is_file():
+        modes = json.loads(pooling_config.read_text())
+        pooling = next((name for name, key in POOLING_MODES.items() if modes.get(f"pooling_mode_{key}")), pooling)
+    return {
+        "framework": "transformers",
+        "task": "sentence-embedding",
+        "dims": dims,
+        "max_tokens": int(max_tokens) if max_tokens else None,
+        "pooling": pooling,
+    }

@@ -1,0 +1,241 @@
+"""The model repository from the command line (python -m cluster models ...).
+
+python -m cluster models push DIR --name N --version V    # a sentence-transformers / transformers directory
+python -m cluster models push --from-package PKG --name N --version V   # an installed model package
+python -m cluster models list                             # every model: versions, task, dims, size, served
+python -m cluster models show N[:V]                       # one model's versions, or one version's manifest
+python -m cluster models delete N:V [--force]             # refused while that version is served
+
+A push uploads every file (in parts when big, with a progress bar per file and one overall) and
+writes the manifest last: a push that fails half-way leaves no version anyone can see. "Served"
+means named by the Serve application Ray runs now (its model and EmbeddingModel's `version`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cluster.settings import ClusterSettings
+from serve_app.model_repository import (
+    Manifest,
+    ManifestFile,
+    ModelRepository,
+    NotAModelError,
+    VersionConflictError,
+    VersionNotFoundError,
+    check_name,
+    describe_sentence_transformer,
+)
+
+
+class ModelsError(RuntimeError):
+    """What the command says and exits 1 with."""
+
+
+def package_model_dir(package: str) -> Path:
+    """The model directory an installed model package holds (`get_model_path()`, or the package's own dir)."""
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError as exc:
+        raise ModelsError(f"no installed package {package!r} ({exc}); pip install it first") from exc
+    if hasattr(module, "get_model_path"):
+        return Path(module.get_model_path())
+    return Path(module.__file__).parent
+
+
+class _Bars:
+    """tqdm bars for a push: one per file (minio's progress protocol) and one overall."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.overall = tqdm(total=total, unit="B", unit_scale=True, desc="overall", disable=not enabled, position=0)
+
+    def for_file(self, file: ManifestFile) -> _FileBar:
+        return _FileBar(self, file)
+
+    def close(self) -> None:
+        self.overall.close()
+
+
+class _FileBar:
+    def __init__(self, bars: _Bars, file: ManifestFile) -> None:
+        self.bars = bars
+        options = {"unit": "B", "unit_scale": True, "position": 1, "leave": False, "disable": not bars.enabled}
+        self.bar = tqdm(total=file.size, desc=file.path, **options)
+
+    def set_meta(self, object_name: str, total_length: int) -> None:
+        self.bar.reset(total=total_length)
+
+    def update(self, length: int) -> None:
+        self.bar.update(length)
+        self.bars.overall.update(length)
+        if self.bar.total is not None and self.bar.n >= self.bar.total:
+            self.bar.close()
+
+
+def push(
+    settings: ClusterSettings, local_dir: Path, name: str, version: str, *, show_progress: bool = False
+) -> Manifest:
+    """Push a model directory as name:version (idempotent: the same files again change nothing)."""
+    check_name("model name", name)
+    check_name("version", version)
+    described = describe_sentence_transformer(local_dir)
+    total = sum(p.stat().st_size for p in local_dir.rglob("*") if p.is_file())
+    bars = _Bars(total, show_progress)
+    try:
+        return ModelRepository.from_settings(settings).push(
+            local_dir, name, version, progress=bars.for_file, **described
+        )
+    finally:
+        bars.close()
+
+
+def served_versions(settings: ClusterSettings) -> set[tuple[str, str]] | None:
+    """(model, version) of every application Ray serves now; None when Ray does not answer."""
+    from cluster.nodes import serve_details
+
+    try:
+        applications = serve_details(settings).get("applications") or {}
+    except (OSError, ValueError):
+        return None
+    served = set()
+    for app in applications.values():
+        config = app.get("deployed_app_config") or {}
+        model = (config.get("args") or {}).get("model")
+        for deployment in config.get("deployments") or []:
+            version = (deployment.get("user_config") or {}).get("version")
+            if model and deployment.get("name") == "EmbeddingModel" and version is not None:
+                served.add((model, str(version)))
+    return served
+
+
+def split_spec(spec: str, *, version_required: bool) -> tuple[str, str | None]:
+    name, _, version = spec.partition(":")
+    check_name("model name", name)
+    if version:
+        check_name("version", version)
+    elif version_required:
+        raise ModelsError(f"{spec!r}: give the version too, as NAME:VERSION")
+    return name, version or None
+
+
+def _served_mark(served: set[tuple[str, str]] | None, name: str, version: str) -> str:
+    if served is None:
+        return "?"
+    return "yes" if (name, version) in served else "no"
+
+
+def list_models(settings: ClusterSettings) -> list[dict]:
+    repository = ModelRepository.from_settings(settings)
+    served = served_versions(settings)
+    rows = []
+    for name in repository.names():
+        for manifest in repository.versions(name):
+            rows.append(_row(manifest, served))
+    return rows
+
+
+def _row(manifest: Manifest, served: set[tuple[str, str]] | None) -> dict:
+    return {
+        "name": manifest.name,
+        "version": manifest.version,
+        "task": manifest.task,
+        "dims": manifest.dims,
+        "size": manifest.size,
+        "digest": manifest.digest[:12],
+        "pushed_at": manifest.created.isoformat(timespec="seconds"),
+        "served": _served_mark(served, manifest.name, manifest.version),
+    }
+
+
+def delete(settings: ClusterSettings, name: str, version: str, *, force: bool = False) -> Manifest:
+    served = served_versions(settings)
+    if not force:
+        if served is None:
+            raise ModelsError("Ray does not answer, so whether this version is served is unknown; --force deletes it")
+        if (name, version) in served:
+            raise ModelsError(
+                f"{name}:{version} is served now; deploy another version first (or --force, and its replicas "
+                "fail to start the next time they load it)"
+            )
+    return ModelRepository.from_settings(settings).delete(name, version)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def main(argv: list[str], settings: ClusterSettings) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster models", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    push_cmd = commands.add_parser("push", help="upload a model directory as a new version")
+    push_cmd.add_argument("directory", nargs="?", type=Path)
+    push_cmd.add_argument("--from-package", metavar="PKG", help="an installed model package instead of DIR")
+    push_cmd.add_argument("--name", required=True)
+    push_cmd.add_argument("--version", required=True)
+    push_cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
+    commands.add_parser("list", help="every model version in the repository")
+    show_cmd = commands.add_parser("show", help="a model's versions, or one version's manifest")
+    show_cmd.add_argument("spec", metavar="NAME[:VERSION]")
+    delete_cmd = commands.add_parser("delete", help="remove a version (refused while it is served)")
+    delete_cmd.add_argument("spec", metavar="NAME:VERSION")
+    delete_cmd.add_argument("--force", action="store_true", help="delete even a served version")
+    for sub in commands.choices.values():
+        sub.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "push":
+            if (args.directory is None) == (args.from_package is None):
+                parser.error("give a model directory or --from-package PKG (one of them)")
+            local_dir = package_model_dir(args.from_package) if args.from_package else args.directory
+            manifest = push(settings, local_dir, args.name, args.version, show_progress=not args.no_progress)
+            location = ModelRepository.from_settings(settings).uri(manifest.name, manifest.version)
+            _print(args, _row(manifest, None) | {"files": len(manifest.files)}, f"pushed {location}")
+        elif args.command == "list":
+            rows = list_models(settings)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                head = ("NAME", "VERSION", "TASK", "DIMS", "SIZE", "DIGEST", "PUSHED")
+                print("{:<24} {:<10} {:<20} {:>5} {:>10} {:<12}  {:<25} SERVED".format(*head))
+                for r in rows:
+                    print(
+                        f"{r['name']:<24} {r['version']:<10} {r['task']:<20} {r['dims']:>5} {_size(r['size']):>10} "
+                        f"{r['digest']:<12}  {r['pushed_at']:<25} {r['served']}"
+                    )
+        elif args.command == "show":
+            name, version = split_spec(args.spec, version_required=False)
+            repository = ModelRepository.from_settings(settings)
+            if version is None:
+                manifests = repository.versions(name)
+                if not manifests:
+                    raise ModelsError(f"no model {name!r} in {repository.uri(name, '')[:-1]}")
+                served = served_versions(settings)
+                print(json.dumps([_row(m, served) for m in manifests], indent=2))
+            else:
+                manifest = repository.manifest(name, version)
+                shown = json.loads(manifest.model_dump_json())
+                shown |= {"digest": manifest.digest, "size": manifest.size}
+                print(json.dumps(shown | {"served": _served_mark(served_versions(settings), name, version)}, indent=2))
+        elif args.command == "delete":
+            name, version = split_spec(args.spec, version_required=True)
+            manifest = delete(settings, name, version, force=args.force)
+            _print(args, _row(manifest, None), f"deleted {name}:{version} ({len(manifest.files)} files)")
+    except (ModelsError, NotAModelError, VersionConflictError, VersionNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print(args: argparse.Namespace, row: dict, line: str) -> None:
+    print(json.dumps(row, indent=2) if args.json else line)

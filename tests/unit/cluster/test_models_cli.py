@@ -1,0 +1,55 @@
+"""The models command without an object store: what makes a directory a model, and the NAME:VERSION spec."""
+
+import pytest
+
+from cluster.models import ModelsError, main, split_spec
+from cluster.seed import default_model_dir
+from cluster.settings import ClusterSettings
+from serve_app.model_repository import NotAModelError, describe_sentence_transformer
+
+
+def test_a_sentence_transformers_directory_gives_dims_max_tokens_and_pooling():
+    described = describe_sentence_transformer(default_model_dir())
+    assert described == {
+        "framework": "transformers",
+        "task": "sentence-embedding",
+        "dims": 384,
+        "max_tokens": 256,  # sentence_bert_config.json's max_seq_length, not the 512 positions of config.json
+        "pooling": "mean",
+    }
+
+
+def test_a_directory_that_is_not_a_model_is_refused_with_what_it_lacks(tmp_path):
+    (tmp_path / "README.md").write_text("not a model")
+    with pytest.raises(NotAModelError, match=r"no config\.json, no model\.safetensors or pytorch_model\.bin, no tok"):
+        describe_sentence_transformer(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "model.safetensors").write_bytes(b"\0")
+    (tmp_path / "vocab.txt").write_text("[PAD]\n")
+    with pytest.raises(NotAModelError, match="hidden_size"):
+        describe_sentence_transformer(tmp_path)
+    with pytest.raises(NotAModelError, match="not a directory"):
+        describe_sentence_transformer(tmp_path / "config.json")
+
+
+def test_a_version_is_named_name_colon_version():
+    assert split_spec("my-model:2", version_required=True) == ("my-model", "2")
+    assert split_spec("my-model", version_required=False) == ("my-model", None)
+    with pytest.raises(ModelsError, match="NAME:VERSION"):
+        split_spec("my-model", version_required=True)
+    with pytest.raises(ValueError, match="model name"):
+        split_spec("../etc:1", version_required=True)
+
+
+def test_push_takes_a_directory_or_a_package_not_both_nor_neither(tmp_path, capsys):
+    settings = ClusterSettings(state_dir=tmp_path)
+    for argv in (
+        ["push", "--name", "m", "--version", "1"],
+        ["push", str(tmp_path), "--from-package", "x", "--name", "m", "--version", "1"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(argv, settings)
+        assert exited.value.code == 2
+    assert "one of them" in capsys.readouterr().err
+    assert main(["push", "--from-package", "no-such-model-package", "--name", "m", "--version", "1"], settings) == 1
+    assert "no installed package 'no-such-model-package'" in capsys.readouterr().err
