@@ -174,10 +174,6 @@ class NodeNamespace:
     def link_up(self) -> None:
         _ip("link", "set", self.host_link, "up")
 
-    def link_is_up(self) -> bool:
-        flags = _ip("-o", "link", "show", self.host_link, check=False).stdout.split(">", 1)[0]
-        return "UP" in flags.split("<")[-1].split(",")
-
     def exec_argv(self, argv: list[str]) -> list[str]:
         """argv run inside the namespace (`ip netns exec` execs it: the pid stays the program's)."""
         return ["ip", "netns", "exec", self.name, *argv]
