@@ -83,8 +83,6 @@ def push(
     settings: ClusterSettings, local_dir: Path, name: str, version: str, *, show_progress: bool = False
 ) -> Manifest:
     """Push a model directory as name:version (idempotent: the same files again change nothing)."""
-    check_name("model name", name)
-    check_name("version", version)
     described = describe_sentence_transformer(local_dir)
     total = sum(p.stat().st_size for p in local_dir.rglob("*") if p.is_file())
     bars = _Bars(total, show_progress)
@@ -155,8 +153,8 @@ def _row(manifest: Manifest, served: set[tuple[str, str]] | None) -> dict:
 
 
 def delete(settings: ClusterSettings, name: str, version: str, *, force: bool = False) -> Manifest:
-    served = served_versions(settings)
     if not force:
+        served = served_versions(settings)
         if served is None:
             raise ModelsError("Ray does not answer, so whether this version is served is unknown; --force deletes it")
         if (name, version) in served:

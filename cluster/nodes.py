@@ -75,11 +75,12 @@ def serve_details(settings: ClusterSettings) -> dict:
     return dashboard_get(settings, "/api/serve/applications/")
 
 
-def live_upstreams(settings: ClusterSettings) -> list[str] | None:
-    """host:port of every healthy Serve proxy, from Serve's state; None when it cannot be read."""
+def live_upstreams(settings: ClusterSettings, alive: list[dict] | None = None) -> list[str] | None:
+    """host:port of every healthy Serve proxy, from Serve's state; None when it cannot be read.
+    `alive`: Ray's alive nodes when the caller has just read them."""
     try:
         proxies = serve_details(settings).get("proxies") or {}
-        nodes = {n["node_id"]: n for n in alive_nodes(settings)}
+        nodes = {n["node_id"]: n for n in (alive_nodes(settings) if alive is None else alive)}
     except (OSError, ValueError):
         return None
     upstreams = []
@@ -280,12 +281,13 @@ def sync_nginx_forever(settings: ClusterSettings) -> None:
     failures = 0
     while True:
         try:
-            upstreams = live_upstreams(settings)
+            found = alive_nodes(settings)  # once per check, for the proxies and the node set alike
+            upstreams = live_upstreams(settings, found)
             if upstreams is not None and upstreams != last:
                 outcome = sync_nginx_once(settings, upstreams)
                 print(f"nginx-sync: upstreams {upstreams}: {outcome}", flush=True)
                 last = upstreams
-            alive = node_ids(settings)
+            alive = sorted(node["node_id"] for node in found)
             if nodes is not None and alive != nodes:
                 deploy(settings)
                 print(f"nginx-sync: nodes {len(nodes)} -> {len(alive)}: Serve config deployed for them", flush=True)

@@ -44,10 +44,14 @@ ALL_SETUPS = ("raw", "plain", "serve", "full", "cached", "jobs")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
+def is_above_ceiling(name: str, value: float | None) -> bool:
+    """A ratio against the bare model ("<setup>/raw") above 1.0: the stack cannot beat the model it runs,
+    so such a ratio is a measurement error (a ceiling taken badly, a noisy moment), not a result."""
+    return "/raw" in name and value is not None and value > 1.0
+
+
 def above_ceiling(ratios: dict[str, float | None]) -> list[str]:
-    """The ratios against the bare model ("<setup>/raw") above 1.0: the stack cannot beat the model it
-    runs, so such a ratio is a measurement error (a ceiling taken badly, a noisy moment), not a result."""
-    return [name for name, value in ratios.items() if "/raw" in name and value is not None and value > 1.0]
+    return [name for name, value in ratios.items() if is_above_ceiling(name, value)]
 
 
 class Bench:
@@ -366,7 +370,7 @@ class Bench:
     def _shown_ratio(self, name: str, value: float | None) -> str:
         if value is None:
             return "n/a"
-        if name in above_ceiling({name: value}):
+        if is_above_ceiling(name, value):
             return f"{value}: above its own ceiling, a measurement error"
         return str(value)
 

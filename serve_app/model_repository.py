@@ -198,6 +198,8 @@ class ModelRepository:
         """The manifests of a model's versions, oldest first; a version without one (a push under way
         or one that failed) is not a version."""
         check_name("model name", name)
+        if not self.client.bucket_exists(self.bucket):
+            return []
         found = []
         for entry in self.client.list_objects(self.bucket, prefix=f"{name}/"):
             if not entry.is_dir:
