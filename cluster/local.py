@@ -13,6 +13,7 @@ WORKERS: INFER_WORKERS=N (make up WORKERS=N) runs N Ray worker nodes next to the
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import ssl
@@ -38,12 +39,37 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+CODE_DIRS = ("serve_app", "deployments")
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def code_digest(root: Path = CHECKOUT) -> str:
+    """A hash of the application's code (every .py file the replicas import from this checkout)."""
+    digest = hashlib.sha256()
+    for directory in CODE_DIRS:
+        for path in sorted((root / directory).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def with_code_digest(config: dict, digest: str) -> dict:
+    """Every deployment carries the code's digest in its environment: Serve redeploys a config only
+    where it changed, so without this an edited checkout would keep running the old code."""
+    for app in config.get("applications", []):
+        for deployment in app.get("deployments", []):
+            options = deployment.setdefault("ray_actor_options", {})
+            options.setdefault("runtime_env", {}).setdefault("env_vars", {})["INFER_CODE_DIGEST"] = digest
+    return config
+
+
 def deploy(settings: ClusterSettings, config: dict | None = None) -> Path:
-    """`serve deploy` a Serve config (default: cluster/serve_config.yaml with this machine's settings)."""
+    """`serve deploy` a Serve config (default: cluster/serve_config.yaml with this machine's settings),
+    stamped with the code's digest, so that changed code is rolled out like a changed config."""
     rendered = settings.state_dir / "serve_config.yaml"
     if config is None:
         nodes, node_set = _nodes(settings)
         config = load_serve_config(settings, nodes=nodes, node_set=node_set)
+    config = with_code_digest(copy.deepcopy(config), code_digest())
     rendered.write_text(yaml.safe_dump(config, sort_keys=False))
     result = subprocess.run(
         [str(VENV_BIN / "serve"), "deploy", str(rendered), "--address", settings.dashboard_url],

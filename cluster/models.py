@@ -1,6 +1,7 @@
 """The model repository from the command line (python -m cluster models ...).
 
 python -m cluster models push DIR --name N --version V    # a sentence-transformers / transformers directory
+                                                          # (--task embed|rerank; default: from its config.json)
 python -m cluster models push --from-package PKG --name N --version V   # an installed model package
 python -m cluster models list                             # every model: versions, task, dims, size, served
 python -m cluster models show N[:V]                       # one model's versions, or one version's manifest
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from cluster.settings import ClusterSettings
 from serve_app.model_repository import (
+    TASKS,
     Manifest,
     ManifestFile,
     ModelRepository,
@@ -30,7 +32,7 @@ from serve_app.model_repository import (
     VersionConflictError,
     VersionNotFoundError,
     check_name,
-    describe_sentence_transformer,
+    describe_model,
 )
 
 
@@ -80,10 +82,17 @@ class _FileBar:
 
 
 def push(
-    settings: ClusterSettings, local_dir: Path, name: str, version: str, *, show_progress: bool = False
+    settings: ClusterSettings,
+    local_dir: Path,
+    name: str,
+    version: str,
+    *,
+    task: str | None = None,
+    show_progress: bool = False,
 ) -> Manifest:
-    """Push a model directory as name:version (idempotent: the same files again change nothing)."""
-    described = describe_sentence_transformer(local_dir)
+    """Push a model directory as name:version (idempotent: the same files again change nothing); the
+    task is read from the directory (a cross-encoder reranks, anything else embeds) unless given."""
+    described = describe_model(local_dir, task)
     total = sum(p.stat().st_size for p in local_dir.rglob("*") if p.is_file())
     bars = _Bars(total, show_progress)
     try:
@@ -181,6 +190,7 @@ def main(argv: list[str], settings: ClusterSettings) -> int:
     push_cmd.add_argument("--from-package", metavar="PKG", help="an installed model package instead of DIR")
     push_cmd.add_argument("--name", required=True)
     push_cmd.add_argument("--version", required=True)
+    push_cmd.add_argument("--task", choices=TASKS, help="what the model does (default: read from its config.json)")
     push_cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
     commands.add_parser("list", help="every model version in the repository")
     show_cmd = commands.add_parser("show", help="a model's versions, or one version's manifest")
@@ -196,7 +206,9 @@ def main(argv: list[str], settings: ClusterSettings) -> int:
             if (args.directory is None) == (args.from_package is None):
                 parser.error("give a model directory or --from-package PKG (one of them)")
             local_dir = package_model_dir(args.from_package) if args.from_package else args.directory
-            manifest = push(settings, local_dir, args.name, args.version, show_progress=not args.no_progress)
+            manifest = push(
+                settings, local_dir, args.name, args.version, task=args.task, show_progress=not args.no_progress
+            )
             location = ModelRepository.from_settings(settings).uri(manifest.name, manifest.version)
             _print(args, _row(manifest, None) | {"files": len(manifest.files)}, f"pushed {location}")
         elif args.command == "list":

@@ -19,8 +19,13 @@ from serve_app.settings import get_settings
 class Gateway:
     """Validates, answers from the cache, sends misses to the model deployments, records history."""
 
-    def __init__(self, models: dict[str, DeploymentHandle], job_worker: DeploymentHandle | None = None) -> None:
-        self.services = Services.from_settings(get_settings(), models, job_worker)
+    def __init__(
+        self,
+        models: dict[str, DeploymentHandle],
+        job_worker: DeploymentHandle | None = None,
+        pool: DeploymentHandle | None = None,
+    ) -> None:
+        self.services = Services.from_settings(get_settings(), models, job_worker, pool)
 
     def __serve_build_asgi_app__(self):  # the FastAPI app; Serve calls this once per replica
         return create_app(self.services)

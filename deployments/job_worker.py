@@ -23,8 +23,8 @@ from serve_app.settings import get_settings
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1},
 )
 class JobWorker:
-    async def __init__(self, models: dict[str, DeploymentHandle]) -> None:
-        self.runtime = JobWorkerRuntime(get_settings(), models)
+    async def __init__(self, models: dict[str, DeploymentHandle], pool: DeploymentHandle | None = None) -> None:
+        self.runtime = JobWorkerRuntime(get_settings(), models, pool)
         context = serve.get_replica_context()
         own = serve.get_deployment_handle(context.deployment, context.app_name).options(method_name="run_job")
         await self.runtime.start(lambda job_id: own.remote(job_id))

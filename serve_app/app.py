@@ -8,6 +8,7 @@ from ray.serve import Application
 from deployments.embedding_model import EmbeddingModel
 from deployments.gateway import Gateway
 from deployments.job_worker import JobWorker
+from deployments.model_pool import ModelPool
 from serve_app.settings import get_settings
 
 
@@ -15,13 +16,18 @@ class AppArgs(BaseModel):
     """Arguments from the Serve config's `args:` or `serve run ... key=value`."""
 
     model: str = Field(default_factory=lambda: get_settings().default_model)
+    pool_models_per_replica: int = Field(
+        2, ge=1, description="Models each on-demand pool replica keeps loaded (the least recently used goes)."
+    )
 
 
-def build_app(args: dict[str, str] | None = None) -> Application:
-    """Gateway -> EmbeddingModel for requests; JobWorker -> EmbeddingModel for asynchronous jobs."""
+def build_app(args: dict[str, object] | None = None) -> Application:
+    """Gateway -> EmbeddingModel (the pinned model) or ModelPool (any other model in the repository, on
+    demand) for requests; JobWorker -> the same for asynchronous jobs."""
     parsed = AppArgs.model_validate(args or {})
     models = {parsed.model: EmbeddingModel.bind(parsed.model)}
+    pool = ModelPool.bind(parsed.pool_models_per_replica)
     # Serve deploys what the ingress's bound arguments reach, and nothing else: passing the bound
     # JobWorker to the Gateway is what deploys the job workers. The gateway itself only asks it
     # whether it consumes (readiness); jobs reach the workers through RabbitMQ, never this handle.
-    return Gateway.bind(models, JobWorker.bind(models))
+    return Gateway.bind(models, JobWorker.bind(models, pool), pool)

@@ -22,7 +22,7 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 from minio.helpers import ProgressType
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from serve_app.infra.s3 import object_store_client
 from serve_app.settings import Settings
@@ -47,6 +47,9 @@ class VersionConflictError(ValueError):
 class NotAModelError(ValueError):
     """A directory that is not a model the replicas can load (nothing of it is pushed)."""
 
+
+TASKS = ("embed", "rerank")
+_LEGACY_TASKS = {"sentence-embedding": "embed"}  # what manifests pushed before tasks had names say
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -73,7 +76,12 @@ class Manifest(BaseModel):
     files: list[ManifestFile]
     created: datetime
     max_tokens: int | None = None  # the longest input the model reads (longer ones are truncated)
-    pooling: str | None = None  # how token vectors become one (mean, cls, max)
+    pooling: str | None = None  # how token vectors become one (mean, cls, max); embed models only
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        return _LEGACY_TASKS.get(value, value)
 
     @property
     def size(self) -> int:
@@ -303,9 +311,11 @@ POOLING_MODES = {
 }
 
 
-def describe_sentence_transformer(local_dir: Path) -> dict[str, object]:
-    """Manifest fields read from a sentence-transformers (or plain Hugging Face transformers) directory;
-    NotAModelError says what is missing from one that is neither."""
+def describe_model(local_dir: Path, task: str | None = None) -> dict[str, object]:
+    """Manifest fields read from a model directory: a sentence-transformers or Hugging Face transformers
+    layout. The task is `rerank` for a cross-encoder (a `...ForSequenceClassification` with one label,
+    whose `dims` is its one score) and `embed` otherwise, unless `task` says; NotAModelError says what
+    is missing from a directory that is neither."""
     if not local_dir.is_dir():
         raise NotAModelError(f"{local_dir} is not a directory")
     missing = [name for name in ("config.json",) if not (local_dir / name).is_file()]
@@ -317,10 +327,25 @@ def describe_sentence_transformer(local_dir: Path) -> dict[str, object]:
         raise NotAModelError(f"{local_dir} is not a transformers model directory: no {', no '.join(missing)}")
     try:
         config = json.loads((local_dir / "config.json").read_text())
-        dims = int(config["hidden_size"])
+        hidden = int(config["hidden_size"])
     except (ValueError, KeyError, TypeError) as exc:
         raise NotAModelError(f"{local_dir}/config.json has no readable hidden_size: {exc}") from exc
+    classifier = any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+    task = task or ("rerank" if classifier else "embed")
+    if task not in TASKS:
+        raise NotAModelError(f"task {task!r} is not one of {', '.join(TASKS)}")
     max_tokens = config.get("max_position_embeddings")
+    if task == "rerank":
+        if not classifier:
+            raise NotAModelError(
+                f"{local_dir} is not a cross-encoder: config.json's architectures name no ...ForSequenceClassification"
+            )
+        labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 1)
+        if labels != 1:
+            raise NotAModelError(
+                f"{local_dir} classifies into {labels} labels; a reranker gives one relevance score (num_labels=1)"
+            )
+        return {"framework": "transformers", "task": task, "dims": 1, "max_tokens": max_tokens, "pooling": None}
     st_config = local_dir / "sentence_bert_config.json"
     if st_config.is_file():
         max_tokens = json.loads(st_config.read_text()).get("max_seq_length", max_tokens)
@@ -331,8 +356,8 @@ def describe_sentence_transformer(local_dir: Path) -> dict[str, object]:
         pooling = next((name for name, key in POOLING_MODES.items() if modes.get(f"pooling_mode_{key}")), pooling)
     return {
         "framework": "transformers",
-        "task": "sentence-embedding",
-        "dims": dims,
+        "task": task,
+        "dims": hidden,
         "max_tokens": int(max_tokens) if max_tokens else None,
         "pooling": pooling,
     }

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = Field(None, description="Node-local weight cache; default <state_dir>/model-cache.")
     model_info_refresh_s: float = 2.0
     model_timeout_s: float = 60.0
+    model_listing_ttl_s: float = Field(
+        5.0, description="How long a gateway trusts its listing of a model's versions in the repository."
+    )
 
     # Request limits.
     max_items_per_request: int = 256

@@ -32,3 +32,21 @@ class ModelInfo:
     loaded_at: float
     device: str
     max_seq_length: int
+
+
+@dataclass(frozen=True)
+class RerankBatch:
+    """Relevance scores of documents to one query, in the order asked, from one model version."""
+
+    model: str
+    version: str
+    scores: np.ndarray  # float32, shape (len(documents),), each in [0, 1]
+    token_counts: list[int]  # tokens of each (query, document) pair
+
+
+def model_id(name: str, version: str) -> str:
+    """The multiplexed model id of a version served on demand."""
+    return f"{name}:{version}"
+
+
+LOADED_KEY_PREFIX = "pool:loaded:"  # + a pool replica's id: the JSON list of model ids it holds

@@ -9,7 +9,7 @@ import time
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo
+from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch
 from serve_app.errors import ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -18,11 +18,20 @@ logger = logging.getLogger(__name__)
 class ModelClient:
     """Calls a model deployment; keeps its info (version, dims) fresh for cache keys."""
 
-    def __init__(self, name: str, handle: DeploymentHandle, *, refresh_s: float, timeout_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        handle: DeploymentHandle,
+        *,
+        refresh_s: float,
+        timeout_s: float,
+        info_timeout_s: float = 10.0,
+    ) -> None:
         self.name = name
         self.handle = handle
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s
+        self.info_timeout_s = info_timeout_s  # an on-demand model loads on its first info call: longer
         self._info: ModelInfo | None = None
         self._info_at = 0.0
         self._refreshing = asyncio.Lock()
@@ -37,7 +46,7 @@ class ModelClient:
             return self._info
         async with self._refreshing:
             if self._info is None or self._info_at < asked_at:
-                self._info = await self._call("info", timeout_s=min(self.timeout_s, 10.0))
+                self._info = await self._call("info", timeout_s=min(self.timeout_s, self.info_timeout_s))
                 self._info_at = time.monotonic()
             return self._info
 
@@ -46,6 +55,9 @@ class ModelClient:
 
     async def embed(self, texts: list[str]) -> EmbeddingBatch:
         return await self._call("embed", texts, timeout_s=self.timeout_s)
+
+    async def rerank(self, query: str, documents: list[str]) -> RerankBatch:
+        return await self._call("rerank", query, documents, timeout_s=self.timeout_s)
 
     async def _call(self, method: str, *args: object, timeout_s: float):
         """Both methods are pure: a call whose replica died under it (its node lost or cut off) is made

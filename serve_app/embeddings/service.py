@@ -20,10 +20,12 @@ import numpy as np
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.embeddings.cache import ResultCache, cache_key, pack, packed_size, unpack
+from serve_app.embeddings.catalog import ModelCatalog
 from serve_app.embeddings.contract import EmbeddingBatch
 from serve_app.embeddings.model_client import ModelClient
-from serve_app.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from serve_app.errors import InvalidRequestError, ServiceUnavailableError
 from serve_app.infra.redis import GuardedRedis
+from serve_app.model_repository import ModelRepository
 from serve_app.settings import Settings
 
 if TYPE_CHECKING:
@@ -74,30 +76,51 @@ Computed = dict[str, tuple[np.ndarray, int]]
 
 
 class EmbeddingService:
-    def __init__(self, models: dict[str, ModelClient], cache: ResultCache, *, call_max_tokens: int = 512) -> None:
-        self.models = models
+    def __init__(
+        self,
+        models: dict[str, ModelClient],
+        cache: ResultCache,
+        *,
+        call_max_tokens: int = 512,
+        catalog: ModelCatalog | None = None,
+    ) -> None:
+        self.models = models  # the pinned ones
         self.cache = cache
         self.call_max_tokens = call_max_tokens
+        self.catalog = catalog or ModelCatalog(models, None, None, refresh_s=2.0, timeout_s=60.0)
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, handles: dict[str, DeploymentHandle], redis: GuardedRedis
+        cls,
+        settings: Settings,
+        handles: dict[str, DeploymentHandle],
+        redis: GuardedRedis,
+        pool: DeploymentHandle | None = None,
     ) -> EmbeddingService:
-        """The same service for the gateway and the job workers: a client per model, the Redis cache."""
+        """The same service for the gateway and the job workers: a client per pinned model, the on-demand
+        pool for every other model in the repository, the Redis cache."""
         models = {
             name: ModelClient(name, handle, refresh_s=settings.model_info_refresh_s, timeout_s=settings.model_timeout_s)
             for name, handle in handles.items()
         }
-        return cls(models, ResultCache(redis, settings.cache_ttl_s), call_max_tokens=settings.model_call_max_tokens)
+        catalog = ModelCatalog(
+            models,
+            pool,
+            ModelRepository.from_settings(settings, timeout_s=10.0) if pool is not None else None,
+            refresh_s=settings.model_info_refresh_s,
+            timeout_s=settings.model_timeout_s,
+            listing_ttl_s=settings.model_listing_ttl_s,
+        )
+        return cls(
+            models,
+            ResultCache(redis, settings.cache_ttl_s),
+            call_max_tokens=settings.model_call_max_tokens,
+            catalog=catalog,
+        )
 
-    def model(self, name: str) -> ModelClient:
-        try:
-            return self.models[name]
-        except KeyError:
-            served = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFoundError(
-                f"the model {name!r} does not exist; served models: {served}", param="model"
-            ) from None
+    async def model(self, spec: str, task: str = "embed") -> ModelClient:
+        """The client serving `spec` (`name` or `name:version`) for `task`; 404/400 as ModelCatalog says."""
+        return (await self.catalog.resolve(spec, task)).client
 
     async def embed(
         self,
@@ -108,7 +131,7 @@ class EmbeddingService:
         meter: WorkMeter | None = None,
     ) -> EmbeddingOutcome:
         """Embeddings of texts; with a meter, the misses are charged to its key and paced (see module doc)."""
-        client = self.model(model_name)
+        client = await self.model(model_name)
         info = await client.info()
         if dimensions is not None and dimensions != info.dims:
             raise InvalidRequestError(
@@ -117,7 +140,7 @@ class EmbeddingService:
             )
         unique = list(dict.fromkeys(texts))
         version = info.version
-        keys = [cache_key(model_name, version, text) for text in unique]
+        keys = [cache_key(client.name, version, text) for text in unique]
         expected_size = packed_size(info.dims)
         found = {
             text: unpack(blob)
@@ -142,7 +165,7 @@ class EmbeddingService:
                 results = {}
             results.update(computed)
         return EmbeddingOutcome(
-            model=model_name,
+            model=client.name,
             version=version,
             vectors=np.stack([results[text][0] for text in texts]),
             token_counts=[results[text][1] for text in texts],

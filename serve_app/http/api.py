@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from serve_app.http.container import Services
 from serve_app.http.errors import install_error_handlers
 from serve_app.http.middleware import RequestContextMiddleware
-from serve_app.http.routes import admin, auth, embeddings, health, history, jobs, models
+from serve_app.http.routes import admin, auth, embeddings, health, history, jobs, models, rerank
 
 API_VERSION = "0.1.0"
 
@@ -33,6 +33,7 @@ def create_app(services: Services) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, history=services.history)
     for router in (
         embeddings.router,
+        rerank.router,
         jobs.router,
         models.router,
         auth.router,

@@ -26,6 +26,7 @@ from serve_app.http.schemas import ComponentStatus, Readiness
 from serve_app.infra.clients import Clients
 from serve_app.jobs.service import JobService
 from serve_app.model_repository import ModelRepository
+from serve_app.rerank.service import RerankService
 from serve_app.settings import Settings
 
 CHECK_TIMEOUT_S = 3.0
@@ -39,6 +40,7 @@ class Services:
     repository: ModelRepository
     models: dict[str, ModelClient]
     embeddings: EmbeddingService
+    rerank: RerankService
     jobs: JobService
     keys: KeyStore
     accounts: Accounts
@@ -57,9 +59,10 @@ class Services:
         settings: Settings,
         handles: dict[str, DeploymentHandle],
         job_worker: DeploymentHandle | None = None,
+        pool: DeploymentHandle | None = None,
     ) -> Services:
         clients = Clients.from_settings(settings)
-        embeddings = EmbeddingService.from_settings(settings, handles, clients.redis)
+        embeddings = EmbeddingService.from_settings(settings, handles, clients.redis, pool)
         keys = KeyStore(clients.db, clients.redis, settings)
         return cls(
             settings=settings,
@@ -68,6 +71,7 @@ class Services:
             repository=ModelRepository.from_settings(settings, timeout_s=CHECK_TIMEOUT_S),
             models=embeddings.models,
             embeddings=embeddings,
+            rerank=RerankService(embeddings.catalog, embeddings.cache),
             jobs=JobService.from_settings(settings, clients, embeddings, keys),
             keys=keys,
             accounts=Accounts(keys),

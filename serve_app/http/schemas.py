@@ -18,16 +18,16 @@ def _invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_input", message)
 
 
-def validate_texts(texts: list[str], max_items: int) -> None:
+def validate_texts(texts: list[str], max_items: int, field: str = "input") -> None:
     """Raise a validation error that names the first text breaking a limit."""
     max_chars = get_settings().max_text_chars
     if not texts:
-        raise _invalid("input must hold at least one text")
+        raise _invalid(f"{field} must hold at least one text")
     if len(texts) > max_items:
-        raise _invalid(f"input has {len(texts)} texts; at most {max_items} are allowed")
+        raise _invalid(f"{field} has {len(texts)} texts; at most {max_items} are allowed")
     for i, text in enumerate(texts):
         if problem := text_problem(text, max_chars):
-            raise _invalid(f"input[{i}] {problem}")
+            raise _invalid(f"{field}[{i}] {problem}")
 
 
 class EmbeddingRequest(BaseModel):
@@ -73,21 +73,108 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+
+
+class RerankRequest(BaseModel):
+    """POST /v1/rerank, as Cohere, Jina and text-embeddings-inference take it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, examples=["my-reranker"])
+    query: str = Field(description="What the documents are ranked against.", examples=["what is a panda?"])
+    documents: list[str | RerankDocument] = Field(
+        description="Texts (or {text} objects) to score against the query.",
+        examples=[["The giant panda is a bear native to China.", "Paris is the capital of France."]],
+    )
+    top_n: int | None = Field(None, ge=1, description="Return only the best top_n (default: all).")
+    return_documents: bool = Field(False, description="Include each document's text in its result.")
+
+    @field_validator("query")
+    @classmethod
+    def _query_within_limits(cls, value: str) -> str:
+        if problem := text_problem(value, get_settings().max_text_chars):
+            raise _invalid(f"query {problem}")
+        return value
+
+    @field_validator("documents")
+    @classmethod
+    def _documents_within_limits(cls, value: list[str | RerankDocument]) -> list[str | RerankDocument]:
+        texts = [d if isinstance(d, str) else d.text for d in value]
+        validate_texts(texts, get_settings().max_items_per_request, field="documents")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="The document's position in the request.")
+    relevance_score: float = Field(description="In [0, 1]: the sigmoid of the cross-encoder's logit.")
+    document: RerankDocument | None = None
+
+
+class RerankUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str = Field(description="The request id (X-Request-ID).")
+    object: Literal["list"] = "list"
+    results: list[RerankResult] = Field(description="Best first.")
+    model: str
+    usage: RerankUsage
+
+
+class ModelVersionState(BaseModel):
+    version: str
+    state: Literal["pinned", "loaded", "available"] = Field(
+        description="pinned: served by its own deployment; loaded: held by an on-demand pool replica; "
+        "available: in the repository, loaded on first use."
+    )
+    pushed_at: int
+
+
 class ModelCard(BaseModel):
-    """A served model, OpenAI's shape plus where it came from."""
+    """A model, OpenAI's shape plus where it came from and what state it is in."""
 
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "inference-cluster"
-    version: str
+    version: str = Field(description="The version a request for the bare name gets.")
+    state: Literal["pinned", "loaded", "available"] = "pinned"
     dims: int
     task: str
     framework: str
-    source: str = Field(description="Object-store location the replicas loaded the weights from.")
+    source: str = Field(description="Object-store location of the weights.")
     manifest_digest: str
-    device: str
-    max_seq_length: int
+    device: str | None = Field(None, description="Where it runs, once loaded.")
+    max_seq_length: int | None = None
+    versions: list[ModelVersionState] = Field(default_factory=list, description="Every version in the repository.")
+
+
+class RepositoryModel(BaseModel):
+    """One model version in the repository, as `python -m cluster models list` shows it."""
+
+    name: str
+    version: str
+    task: str
+    dims: int
+    size: int
+    digest: str
+    pushed_at: str
+    state: Literal["pinned", "loaded", "available"]
+
+
+class RepositoryModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RepositoryModel]
 
 
 class ModelList(BaseModel):

@@ -188,7 +188,7 @@ class JobService:
     async def _submit(
         self, caller: Principal, model: str, source: JobInput, callback_url: str | None, *, job_id: str | None = None
     ) -> Submission:
-        self.embeddings.model(model)  # an unknown model is refused here, not by a worker
+        await self.embeddings.model(model)  # an unknown model is refused here, not by a worker
         callback = None
         if callback_url:
             callback = {

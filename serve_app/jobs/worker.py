@@ -31,11 +31,13 @@ Dispatch = Callable[[str], Awaitable[Settlement]]
 
 
 class JobWorkerRuntime:
-    def __init__(self, settings: Settings, models: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self, settings: Settings, models: dict[str, DeploymentHandle], pool: DeploymentHandle | None = None
+    ) -> None:
         self.settings = settings
         self.clients = Clients.from_settings(settings)
         self.store = JobStore(self.clients.db, settings, self.clients.redis)
-        embeddings = EmbeddingService.from_settings(settings, models, self.clients.redis)
+        embeddings = EmbeddingService.from_settings(settings, models, self.clients.redis, pool)
         self.runner = JobRunner(settings, self.store, embeddings, JobObjects(settings))
         self.publisher = JobPublisher(settings)
         self.outbound = Outbound.from_settings(settings)

@@ -79,7 +79,7 @@ class FakeModelHandle:
             source=f"s3://models/{self.name}/{self.version}/",
             manifest_digest="0" * 64,
             framework="fake",
-            task="sentence-embedding",
+            task="embed",
             created=0.0,
             loaded_at=time.time(),
             device="cpu",

@@ -4,12 +4,15 @@ Each route calls Accounts (serve_app/auth/accounts.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
 
 from serve_app.auth.credentials import USER_NAME_PATTERN
+from serve_app.embeddings.catalog import pool_loaded, version_state
+from serve_app.errors import ConflictError, ModelNotFoundError, ServiceUnavailableError
 from serve_app.http.deps import ServicesDep, require_admin
 from serve_app.http.routes import AUTH_ERRORS
 from serve_app.http.schemas import (
@@ -19,11 +22,14 @@ from serve_app.http.schemas import (
     KeyInfo,
     KeyList,
     KeyRotate,
+    RepositoryModel,
+    RepositoryModelList,
     RotatedKey,
     User,
     UserCreate,
     UserList,
 )
+from serve_app.model_repository import NAME_PATTERN, Manifest, VersionNotFoundError
 
 router = APIRouter(
     prefix="/v1/admin",
@@ -34,6 +40,7 @@ router = APIRouter(
 
 UserName = Annotated[str, Path(pattern=USER_NAME_PATTERN)]
 KeyId = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$")]
+ModelName = Annotated[str, Path(pattern=NAME_PATTERN.pattern)]
 
 
 @router.post("/users", response_model=User, status_code=201, responses={400: {"model": ErrorResponse}})
@@ -95,3 +102,64 @@ async def rotate_key(key_id: KeyId, body: KeyRotate, services: ServicesDep) -> R
     """A new key with the same owner, scopes and limits; the old one expires after `grace_s`."""
     key, new, old = await services.accounts.rotate_key(key_id, body.grace_s)
     return RotatedKey(key=key, new=KeyInfo(**new), old=KeyInfo(**old))
+
+
+def _row(manifest: Manifest, state: str) -> RepositoryModel:
+    return RepositoryModel(
+        name=manifest.name,
+        version=manifest.version,
+        task=manifest.task,
+        dims=manifest.dims,
+        size=manifest.size,
+        digest=manifest.digest[:12],
+        pushed_at=manifest.created.isoformat(timespec="seconds"),
+        state=state,
+    )
+
+
+@router.get("/models", response_model=RepositoryModelList, responses={503: {"model": ErrorResponse}})
+async def list_repository(services: ServicesDep) -> RepositoryModelList:
+    """Every version in the model repository and its state (what `python -m cluster models list` shows)."""
+    catalog = services.embeddings.catalog
+    listing = await catalog.listing(fresh=True)
+    served = await catalog.served_versions()
+    loaded = await pool_loaded(services.clients.redis)
+    return RepositoryModelList(
+        data=[
+            _row(m, version_state(name, m.version, served, loaded))
+            for name, manifests in listing.items()
+            for m in manifests
+        ]
+    )
+
+
+async def _manifest(services, name: str, version: str) -> Manifest:
+    repository = services.embeddings.catalog.repository
+    if repository is None:
+        raise ServiceUnavailableError("this gateway has no model repository (no on-demand pool)")
+    try:
+        return await asyncio.to_thread(repository.manifest, name, version)
+    except VersionNotFoundError as exc:
+        raise ModelNotFoundError(str(exc), param="model") from None
+
+
+@router.get("/models/{name}/versions/{version}")
+async def get_repository_version(name: ModelName, version: ModelName, services: ServicesDep) -> dict:
+    """One version's manifest: its files with their sizes and sha256, task, dims, max tokens, pooling."""
+    manifest = await _manifest(services, name, version)
+    return manifest.model_dump(mode="json") | {"digest": manifest.digest, "size": manifest.size}
+
+
+@router.delete("/models/{name}/versions/{version}", response_model=RepositoryModel)
+async def delete_repository_version(
+    name: ModelName, version: ModelName, services: ServicesDep, force: bool = False
+) -> RepositoryModel:
+    """Remove a version from the repository; refused (409) while a pinned deployment serves it, unless
+    `force` (its replicas then fail the next time they load it)."""
+    catalog = services.embeddings.catalog
+    manifest = await _manifest(services, name, version)
+    if not force and (await catalog.served_versions()).get(name) == version:
+        raise ConflictError(f"{name}:{version} is served now; deploy another version first (or force=true)")
+    await asyncio.to_thread(catalog.repository.delete, name, version)
+    catalog.forget(name)
+    return _row(manifest, "available")

@@ -50,7 +50,7 @@ async def create_embeddings(
     finally:
         if meter.charged:
             history["work_tokens"] = meter.charged
-    history.update(version=outcome.version, cache_hits=outcome.cache_hits)
+    history.update(model=outcome.model, version=outcome.version, cache_hits=outcome.cache_hits)
     limit_headers.update(meter.headers)
     if body.encoding_format == "base64":
         encoded = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode() for v in outcome.vectors]

@@ -1,22 +1,43 @@
-"""GET /v1/models and /v1/models/{model}."""
+"""GET /v1/models and /v1/models/{model}: the pinned models and every other model in the repository."""
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Depends
 
+from serve_app.embeddings.catalog import parse_model, pool_loaded, version_state
 from serve_app.embeddings.contract import ModelInfo
-from serve_app.http.deps import EmbeddingServiceDep, require_infer
+from serve_app.errors import ModelNotFoundError, ServiceUnavailableError
+from serve_app.http.deps import ServicesDep, require_infer
 from serve_app.http.routes import AUTH_ERRORS
-from serve_app.http.schemas import ErrorResponse, ModelCard, ModelList
+from serve_app.http.schemas import ErrorResponse, ModelCard, ModelList, ModelVersionState
+from serve_app.model_repository import Manifest
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_infer)], responses=AUTH_ERRORS)
 
 
-def _card(info: ModelInfo) -> ModelCard:
+def _versions(
+    name: str, manifests: list[Manifest], served: dict[str, str], loaded: set[str]
+) -> list[ModelVersionState]:
+    return [
+        ModelVersionState(
+            version=m.version,
+            state=version_state(name, m.version, served, loaded),
+            pushed_at=int(m.created.timestamp()),
+        )
+        for m in manifests
+    ]
+
+
+def _card_of_info(info: ModelInfo, state: str, versions: list[ModelVersionState]) -> ModelCard:
     return ModelCard(
         id=info.name,
         created=int(info.created),
         version=info.version,
+        state=state,
         dims=info.dims,
         task=info.task,
         framework=info.framework,
@@ -24,16 +45,63 @@ def _card(info: ModelInfo) -> ModelCard:
         manifest_digest=info.manifest_digest,
         device=info.device,
         max_seq_length=info.max_seq_length,
+        versions=versions,
     )
 
 
+def _card_of_manifest(manifest: Manifest, source: str, state: str, versions: list[ModelVersionState]) -> ModelCard:
+    return ModelCard(
+        id=manifest.name,
+        created=int(manifest.created.timestamp()),
+        version=manifest.version,
+        state=state,
+        dims=manifest.dims,
+        task=manifest.task,
+        framework=manifest.framework,
+        source=source,
+        manifest_digest=manifest.digest,
+        max_seq_length=manifest.max_tokens,
+        versions=versions,
+    )
+
+
+async def _cards(services, only: str | None = None) -> list[ModelCard]:
+    catalog = services.embeddings.catalog
+    pinned = {name: client for name, client in catalog.pinned.items() if only in (None, name)}
+    infos = {name: await client.info() for name, client in pinned.items()}
+    served = {name: info.version for name, info in infos.items()}
+    try:
+        listing = await catalog.listing() if only is None else {only: await catalog.versions(only)}
+    except ServiceUnavailableError as exc:  # the pinned models still answer: list them
+        logger.warning("GET /v1/models without the repository: %s", exc.message)
+        listing = {}
+    loaded = await pool_loaded(services.clients.redis) if listing else set()
+    cards = [
+        _card_of_info(info, "pinned", _versions(name, listing.get(name, []), served, loaded))
+        for name, info in infos.items()
+    ]
+    for name, manifests in listing.items():
+        if name in pinned or not manifests:
+            continue
+        newest = manifests[-1]
+        source = catalog.repository.uri(name, newest.version) if catalog.repository else ""
+        versions = _versions(name, manifests, served, loaded)
+        cards.append(_card_of_manifest(newest, source, versions[-1].state, versions))
+    return cards
+
+
 @router.get("/v1/models", response_model=ModelList, responses={503: {"model": ErrorResponse}})
-async def list_models(service: EmbeddingServiceDep) -> ModelList:
-    """The served models, each with its version and the object-store location of its weights."""
-    return ModelList(data=[_card(await client.info()) for client in service.models.values()])
+async def list_models(services: ServicesDep) -> ModelList:
+    """Every model: the pinned ones (served by their own deployments) first, then every other model in
+    the repository (served on demand), each with its versions and their states."""
+    return ModelList(data=await _cards(services))
 
 
 @router.get("/v1/models/{model}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
-async def get_model(model: str, service: EmbeddingServiceDep) -> ModelCard:
-    """One served model."""
-    return _card(await service.model(model).info())
+async def get_model(model: str, services: ServicesDep) -> ModelCard:
+    """One model, by name."""
+    name, _ = parse_model(model)
+    cards = await _cards(services, only=name)
+    if not cards:
+        raise ModelNotFoundError(f"the model {name!r} does not exist; GET /v1/models lists every model", param="model")
+    return cards[0]

@@ -32,7 +32,7 @@ def model_dir(tmp_path):
 
 
 def push(repository, model_dir, name, version="1"):
-    return repository.push(model_dir, name, version, framework="test", task="sentence-embedding", dims=16)
+    return repository.push(model_dir, name, version, framework="test", task="embed", dims=16)
 
 
 def test_push_writes_files_and_a_manifest_with_sha256(repository, model_dir):

@@ -110,7 +110,7 @@ def test_a_directory_that_is_not_a_model_pushes_nothing(tmp_path, name):
 
 
 def test_a_push_that_fails_half_way_leaves_no_version(settings, tiny_model, name):
-    from serve_app.model_repository import describe_sentence_transformer
+    from serve_app.model_repository import describe_model
 
     repository = ModelRepository.from_settings(settings)
     uploads = []
@@ -121,9 +121,7 @@ def test_a_push_that_fails_half_way_leaves_no_version(settings, tiny_model, name
             raise ConnectionError("the network went away")
 
     with pytest.raises(ConnectionError):
-        repository.push(
-            tiny_model, name, "1", progress=fail_on_the_third_file, **describe_sentence_transformer(tiny_model)
-        )
+        repository.push(tiny_model, name, "1", progress=fail_on_the_third_file, **describe_model(tiny_model))
     assert list(repository.client.list_objects(settings.model_bucket, f"{name}/1/", recursive=True))  # some went up
     assert repository.versions(name) == []
     assert listed(name) == []

@@ -273,7 +273,7 @@ def test_a_failed_request_gives_back_what_it_did_not_use(redis_url):
         budget = work_budget(redis_url)
         embeddings = service(handle, call_max_tokens=512)
         handle.fail = False
-        await embeddings.model(handle.name).info()  # the model answers info, then fails to embed
+        await (await embeddings.model(handle.name)).info()  # the model answers info, then fails to embed
         handle.fail = True
         with pytest.raises(Exception, match="unavailable"):
             await embeddings.embed(handle.name, LONG, meter=budget.meter(principal(rate=1, burst=1000)))
@@ -358,7 +358,7 @@ def test_a_caller_that_leaves_pays_for_the_calls_already_at_the_model(redis_url)
         handle.delay_s = 0.3
         budget = work_budget(redis_url)
         embeddings = service(handle, call_max_tokens=512)
-        await embeddings.model(handle.name).info()
+        await (await embeddings.model(handle.name)).info()
         meter = budget.meter(principal(rate=1, burst=100_000, inflight=512))
         request = asyncio.ensure_future(embeddings.embed(handle.name, LONG, meter=meter))
         await asyncio.sleep(0.1)  # the first call is at the model

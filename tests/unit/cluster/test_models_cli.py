@@ -5,14 +5,14 @@ import pytest
 from cluster.models import ModelsError, main, split_spec
 from cluster.seed import default_model_dir
 from cluster.settings import ClusterSettings
-from serve_app.model_repository import NotAModelError, describe_sentence_transformer
+from serve_app.model_repository import NotAModelError, describe_model
 
 
 def test_a_sentence_transformers_directory_gives_dims_max_tokens_and_pooling():
-    described = describe_sentence_transformer(default_model_dir())
+    described = describe_model(default_model_dir())
     assert described == {
         "framework": "transformers",
-        "task": "sentence-embedding",
+        "task": "embed",
         "dims": 384,
         "max_tokens": 256,  # sentence_bert_config.json's max_seq_length, not the 512 positions of config.json
         "pooling": "mean",
@@ -22,14 +22,14 @@ def test_a_sentence_transformers_directory_gives_dims_max_tokens_and_pooling():
 def test_a_directory_that_is_not_a_model_is_refused_with_what_it_lacks(tmp_path):
     (tmp_path / "README.md").write_text("not a model")
     with pytest.raises(NotAModelError, match=r"no config\.json, no model\.safetensors or pytorch_model\.bin, no tok"):
-        describe_sentence_transformer(tmp_path)
+        describe_model(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     (tmp_path / "model.safetensors").write_bytes(b"\0")
     (tmp_path / "vocab.txt").write_text("[PAD]\n")
     with pytest.raises(NotAModelError, match="hidden_size"):
-        describe_sentence_transformer(tmp_path)
+        describe_model(tmp_path)
     with pytest.raises(NotAModelError, match="not a directory"):
-        describe_sentence_transformer(tmp_path / "config.json")
+        describe_model(tmp_path / "config.json")
 
 
 def test_a_version_is_named_name_colon_version():

@@ -51,16 +51,16 @@ def test_a_worker_node_is_found_by_its_resource_and_its_proxy_by_its_index():
     assert node.head_address == f"[::ffff:127.0.0.1]:{settings.ray_gcs_port}"  # where the loopback GCS listens
 
 
-def test_nginx_balances_over_the_given_proxies_and_retries_only_embeddings_after_sending(tmp_path):
+def test_nginx_balances_over_the_given_proxies_and_retries_only_pure_posts_after_sending(tmp_path):
     settings = ClusterSettings(state_dir=tmp_path, nginx_upstreams=["127.0.0.1:8000", "127.0.0.1:8101"])
     rendered = Nginx("nginx", settings).render()
     assert "server 127.0.0.1:8000 max_fails=3 fail_timeout=10s;" in rendered
     assert "server 127.0.0.1:8101 max_fails=3 fail_timeout=10s;" in rendered
-    embeddings = rendered.split("location = /v1/embeddings {", 1)[1].split("}", 1)[0]
+    embeddings = rendered.split("location ~ ^/v1/(embeddings|rerank)$ {", 1)[1].split("}", 1)[0]
     assert "proxy_next_upstream error timeout http_502 http_500 non_idempotent;" in embeddings
     rest = (
-        rendered.split("location = /v1/embeddings {", 1)[0]
-        + rendered.split("location = /v1/embeddings {", 1)[1][len(embeddings) :]
+        rendered.split("location ~ ^/v1/(embeddings|rerank)$ {", 1)[0]
+        + rendered.split("location ~ ^/v1/(embeddings|rerank)$ {", 1)[1][len(embeddings) :]
     )
     assert rendered.count("non_idempotent") == 2  # the HTTP and the HTTPS server's embeddings location
     assert "proxy_next_upstream error timeout http_502;" in rest
@@ -112,3 +112,18 @@ def test_in_the_netns_layout_the_stores_listen_on_the_bridge_too_and_workers_dia
     assert colocated.bind_hosts("127.0.0.1") == ["127.0.0.1"]
     assert colocated.node_service_env() == {}
     assert ClusterSettings(node_network="netns", ray_node_ip="192.0.2.9").ray_node_ip == "192.0.2.9"
+
+
+def test_a_deploy_carries_the_code_digest_so_changed_code_is_rolled_out(tmp_path):
+    from cluster.local import code_digest, with_code_digest
+
+    for directory in ("serve_app", "deployments"):
+        (tmp_path / directory).mkdir()
+        (tmp_path / directory / "a.py").write_text("x = 1\n")
+    before = code_digest(tmp_path)
+    (tmp_path / "deployments" / "a.py").write_text("x = 2\n")
+    assert code_digest(tmp_path) != before
+    config = {"applications": [{"deployments": [{"name": "A"}, {"name": "B", "ray_actor_options": {"num_cpus": 1}}]}]}
+    stamped = with_code_digest(config, "abc")
+    for deployment in stamped["applications"][0]["deployments"]:
+        assert deployment["ray_actor_options"]["runtime_env"]["env_vars"]["INFER_CODE_DIGEST"] == "abc"

@@ -1,0 +1,66 @@
+"""Cross-encoder: scores how relevant each document is to a query, from a local model directory.
+
+The directory is a Hugging Face `...ForSequenceClassification` with one label (what
+sentence-transformers' CrossEncoder saves). The score is the sigmoid of that label's logit, in
+[0, 1], as sentence-transformers' CrossEncoder.predict and text-embeddings-inference return it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+
+@dataclass(frozen=True)
+class Scored:
+    scores: np.ndarray  # float32, shape (n,)
+    token_counts: list[int]
+
+
+class CrossEncoder:
+    """Relevance scores of (query, document) pairs on one torch device."""
+
+    def __init__(self, model_dir: Path, device: str = "cpu", forward_batch_size: int = 32, max_tokens: int = 512):
+        self.device = torch.device(device)
+        self.forward_batch_size = forward_batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(self.device).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"{model_dir}: a reranker has one label, this model has {self.model.config.num_labels}")
+        self.max_tokens = min(max_tokens, int(getattr(self.model.config, "max_position_embeddings", max_tokens)))
+
+    def score(self, pairs: list[tuple[str, str]]) -> Scored:
+        """Scores in the order given; sorted by length so each forward pass pads as little as possible."""
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]), reverse=True)
+        scores = np.empty(len(pairs), dtype=np.float32)
+        token_counts = [0] * len(pairs)
+        for start in range(0, len(order), self.forward_batch_size):
+            chunk = order[start : start + self.forward_batch_size]
+            chunk_scores, chunk_tokens = self._forward([pairs[i] for i in chunk])
+            scores[chunk] = chunk_scores
+            for i, count in zip(chunk, chunk_tokens, strict=True):
+                token_counts[i] = count
+        return Scored(scores=scores, token_counts=token_counts)
+
+    @torch.inference_mode()
+    def _forward(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, list[int]]:
+        batch = self.tokenizer(
+            [q for q, _ in pairs],
+            [d for _, d in pairs],
+            padding=True,
+            truncation="longest_first",
+            max_length=self.max_tokens,
+            return_tensors="pt",
+        ).to(self.device)
+        logits = self.model(**batch).logits[:, 0]
+        token_counts = batch["attention_mask"].sum(dim=1).tolist()
+        return torch.sigmoid(logits).float().cpu().numpy(), token_counts

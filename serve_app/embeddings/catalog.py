@@ -1,0 +1,189 @@
+"""Which deployment answers a request's `model`: a pinned deployment, or the on-demand pool.
+
+`model` is `name` or `name:version`. A name the Serve config pins goes to its own deployment when
+no version is given or the version is the one it serves; any other version of it, and any other
+model in the repository, goes to the multiplexed ModelPool (deployments/model_pool.py) with
+`multiplexed_model_id="name:version"`, so Serve routes it to a replica that already holds it. An
+unversioned name that is not pinned means its newest version. The repository is read through a
+short-lived cache (`listing_ttl_s`), so a request does not list the bucket, and a version pushed
+a moment ago is servable within that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.embeddings.contract import model_id
+from serve_app.embeddings.model_client import ModelClient
+from serve_app.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
+from serve_app.infra.redis import GuardedRedis
+from serve_app.model_repository import NAME_PATTERN, Manifest, ModelRepository
+
+TASK_ROUTES = {"embed": "/v1/embeddings", "rerank": "/v1/rerank"}
+MAX_POOL_CLIENTS = 256
+
+
+def parse_model(spec: str) -> tuple[str, str | None]:
+    """`name` or `name:version`; a 400 naming the field for anything else."""
+    name, colon, version = spec.partition(":")
+    if not NAME_PATTERN.match(name) or (colon and not NAME_PATTERN.match(version)) or ".." in spec:
+        raise InvalidRequestError(
+            f"model {spec!r} must be NAME or NAME:VERSION, each 1-128 letters, digits, '.', '_' or '-'",
+            param="model",
+        )
+    return name, version or None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    client: ModelClient
+    pinned: bool
+
+
+class ModelCatalog:
+    def __init__(
+        self,
+        pinned: dict[str, ModelClient],
+        pool: DeploymentHandle | None,
+        repository: ModelRepository | None,
+        *,
+        refresh_s: float,
+        timeout_s: float,
+        listing_ttl_s: float = 5.0,
+    ) -> None:
+        self.pinned = pinned
+        self.pool = pool
+        self.repository = repository
+        self.refresh_s = refresh_s
+        self.timeout_s = timeout_s
+        self.listing_ttl_s = listing_ttl_s
+        self._versions: dict[str, tuple[float, list[Manifest]]] = {}
+        self._pool_clients: OrderedDict[str, ModelClient] = OrderedDict()
+
+    async def resolve(self, spec: str, task: str) -> Resolved:
+        """The client that serves `spec` for `task`; 404 for a model or version the cluster lacks, 400 for
+        a model of another task."""
+        name, version = parse_model(spec)
+        client = self.pinned.get(name)
+        if client is not None:
+            info = await client.info()
+            if version is None or version == info.version:
+                self._check_task(spec, info.task, task)
+                return Resolved(client, pinned=True)
+        manifest = await self._manifest(name, version)
+        self._check_task(spec, manifest.task, task)
+        return Resolved(self._pool_client(manifest.name, manifest.version), pinned=False)
+
+    async def versions(self, name: str, *, fresh: bool = False) -> list[Manifest]:
+        """The repository's versions of `name`, oldest first (at most `listing_ttl_s` old unless `fresh`)."""
+        cached = self._versions.get(name)
+        if not fresh and cached is not None and time.monotonic() - cached[0] <= self.listing_ttl_s:
+            return cached[1]
+        if self.repository is None:
+            return []
+        try:
+            found = await asyncio.to_thread(self.repository.versions, name)
+        except Exception as exc:  # the object store down or refusing: the model cannot be loaded either
+            raise ServiceUnavailableError(f"the model repository did not answer: {type(exc).__name__}") from exc
+        self._versions[name] = (time.monotonic(), found)
+        if len(self._versions) > 4 * MAX_POOL_CLIENTS:  # names asked for that do not exist, say
+            self._versions.pop(next(iter(self._versions)))
+        return found
+
+    def forget(self, name: str) -> None:
+        """Drop what this gateway knows of name's versions (after it changed them itself)."""
+        self._versions.pop(name, None)
+
+    async def listing(self, *, fresh: bool = False) -> dict[str, list[Manifest]]:
+        """Every model in the repository with its versions, oldest first; {} when there is no pool."""
+        if self.repository is None or self.pool is None:
+            return {}
+        try:
+            names = await asyncio.to_thread(self.repository.names)
+        except Exception as exc:
+            raise ServiceUnavailableError(f"the model repository did not answer: {type(exc).__name__}") from exc
+        found = await asyncio.gather(*(self.versions(name, fresh=fresh) for name in names))
+        return {name: manifests for name, manifests in zip(names, found, strict=True) if manifests}
+
+    async def served_versions(self) -> dict[str, str]:
+        """The version each pinned model serves now."""
+        infos = await asyncio.gather(*(client.info() for client in self.pinned.values()))
+        return {name: info.version for name, info in zip(self.pinned, infos, strict=True)}
+
+    async def _manifest(self, name: str, version: str | None) -> Manifest:
+        if self.pool is None:
+            served = ", ".join(sorted(self.pinned)) or "none"
+            raise ModelNotFoundError(f"the model {name!r} does not exist; served models: {served}", param="model")
+        manifests = await self.versions(name)
+        if not manifests:
+            pinned = ", ".join(sorted(self.pinned)) or "none"
+            raise ModelNotFoundError(
+                f"the model {name!r} does not exist: the repository has no such model (pinned models: {pinned}; "
+                "GET /v1/models lists every model)",
+                param="model",
+            )
+        if version is None:
+            return manifests[-1]
+        for manifest in manifests:
+            if manifest.version == version:
+                return manifest
+        known = ", ".join(m.version for m in manifests)
+        raise ModelNotFoundError(f"the model {name!r} has no version {version!r}; versions: {known}", param="model")
+
+    def _pool_client(self, name: str, version: str) -> ModelClient:
+        key = model_id(name, version)
+        client = self._pool_clients.get(key)
+        if client is None:
+            assert self.pool is not None
+            handle = self.pool.options(multiplexed_model_id=key)
+            client = ModelClient(
+                name, handle, refresh_s=self.refresh_s, timeout_s=self.timeout_s, info_timeout_s=self.timeout_s
+            )
+            self._pool_clients[key] = client
+            if len(self._pool_clients) > MAX_POOL_CLIENTS:
+                self._pool_clients.popitem(last=False)
+        else:
+            self._pool_clients.move_to_end(key)
+        return client
+
+    @staticmethod
+    def _check_task(spec: str, has: str, wanted: str) -> None:
+        if has != wanted:
+            route = TASKS_HINT.get(has, "")
+            raise InvalidRequestError(
+                f"the model {spec!r} is a {has} model, not a {wanted} model{route}",
+                param="model",
+            )
+
+
+TASKS_HINT = {task: f": use POST {route}" for task, route in TASK_ROUTES.items()}
+
+
+State = str  # "pinned" | "loaded" | "available"
+
+
+def version_state(name: str, version: str, served: dict[str, str], loaded: set[str]) -> State:
+    if served.get(name) == version:
+        return "pinned"
+    return "loaded" if model_id(name, version) in loaded else "available"
+
+
+async def pool_loaded(redis: GuardedRedis) -> set[str]:
+    """The model ids ("name:version") that on-demand pool replicas hold now (empty when Redis is down)."""
+    from serve_app.embeddings.contract import LOADED_KEY_PREFIX
+
+    async def read(r) -> set[str]:
+        keys = [key async for key in r.scan_iter(match=LOADED_KEY_PREFIX + "*", count=100)]
+        held: set[str] = set()
+        for value in await r.mget(keys) if keys else []:
+            if value:
+                held.update(json.loads(value))
+        return held
+
+    return await redis.run(read, set())
