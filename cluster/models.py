@@ -6,6 +6,9 @@ python -m cluster models push --from-package PKG --name N --version V   # an ins
 python -m cluster models list                             # every model: versions, task, dims, size, served
 python -m cluster models show N[:V]                       # one model's versions, or one version's manifest
 python -m cluster models delete N:V [--force]             # refused while that version is served
+python -m cluster models promote N:V                      # a pinned model serves V (live, no failed request)
+python -m cluster models rollback N                       # back to the version served before the last promote
+python -m cluster models canary N:V --percent P           # P% of N's requests to V (on demand); --off ends it
 
 A push uploads every file (in parts when big, with a progress bar per file and one overall) and
 writes the manifest last: a push that fails half-way leaves no version anyone can see. "Served"
@@ -116,9 +119,12 @@ def served_versions(settings: ClusterSettings) -> set[tuple[str, str]] | None:
         config = app.get("deployed_app_config") or {}
         model = (config.get("args") or {}).get("model")
         for deployment in config.get("deployments") or []:
-            version = (deployment.get("user_config") or {}).get("version")
-            if model and deployment.get("name") == "EmbeddingModel" and version is not None:
-                served.add((model, str(version)))
+            user_config = deployment.get("user_config") or {}
+            if not model or deployment.get("name") != "EmbeddingModel":
+                continue
+            for key in ("version", "canary_version"):  # a canary is served too
+                if user_config.get(key) is not None:
+                    served.add((model, str(user_config[key])))
     return served
 
 
@@ -174,6 +180,120 @@ def delete(settings: ClusterSettings, name: str, version: str, *, force: bool = 
     return ModelRepository.from_settings(settings).delete(name, version)
 
 
+def running_config(settings: ClusterSettings) -> dict:
+    """The Serve config the cluster runs: the one the last deploy rendered, else cluster/serve_config.yaml."""
+    import yaml
+
+    from cluster.services import load_serve_config
+
+    rendered = settings.state_dir / "serve_config.yaml"
+    if rendered.is_file():
+        return yaml.safe_load(rendered.read_text())
+    return load_serve_config(settings)
+
+
+def pinned_user_config(config: dict, name: str) -> dict:
+    """The user_config of the deployment that pins `name` (an application whose `model` it is)."""
+    for app in config.get("applications", []):
+        if (app.get("args") or {}).get("model") != name:
+            continue
+        for deployment in app.get("deployments", []):
+            if deployment.get("name") == "EmbeddingModel":
+                return deployment.setdefault("user_config", {})
+    raise ModelsError(
+        f"{name!r} is not pinned by the Serve config: an on-demand model serves its newest version, "
+        f"or the one a request names ({name}:VERSION)"
+    )
+
+
+def set_served(config: dict, name: str, version: str) -> str | None:
+    """Make the pinned `name` serve `version`; the version it served becomes the one to roll back to."""
+    user_config = pinned_user_config(config, name)
+    current = str(user_config.get("version")) if user_config.get("version") is not None else None
+    if current == version:
+        return current
+    user_config["version"] = version
+    if current is not None:
+        user_config["previous_version"] = current
+    if user_config.get("canary_version") == version:  # the canary is promoted: it is no longer one
+        user_config.pop("canary_version", None)
+        user_config.pop("canary_percent", None)
+    return current
+
+
+def set_canary(config: dict, name: str, version: str | None, percent: float) -> None:
+    user_config = pinned_user_config(config, name)
+    if version is None or percent <= 0:
+        user_config.pop("canary_version", None)
+        user_config.pop("canary_percent", None)
+        return
+    if not 0 < percent <= 100:
+        raise ModelsError(f"--percent {percent:g} must be in (0, 100]")
+    if str(user_config.get("version")) == version:
+        raise ModelsError(f"{name}:{version} is already the served version; a canary is another one")
+    user_config["canary_version"] = version
+    user_config["canary_percent"] = percent
+
+
+def _servable(settings: ClusterSettings, name: str, version: str) -> Manifest:
+    manifest = ModelRepository.from_settings(settings).manifest(name, version)
+    if manifest.task != "embed":
+        raise ModelsError(f"{name}:{version} is a {manifest.task} model; a pinned deployment serves embed models")
+    return manifest
+
+
+def _apply(settings: ClusterSettings, config: dict, name: str, timeout_s: float = 300) -> None:
+    """Deploy the config and wait until the pinned deployment has applied it (its replicas loaded the
+    new weights beside the old ones and swapped: no request fails)."""
+    import time
+
+    from cluster import local
+    from cluster.nodes import serve_details
+
+    local.deploy(settings, config)
+    wanted = pinned_user_config(config, name)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        try:
+            apps = serve_details(settings).get("applications") or {}
+        except (OSError, ValueError):
+            continue
+        for app in apps.values():
+            deployment = (app.get("deployments") or {}).get("EmbeddingModel") or {}
+            applied = ((deployment.get("deployment_config") or {}).get("user_config")) or {}
+            if (app.get("deployed_app_config") or {}).get("args", {}).get("model") != name:
+                continue
+            if applied == wanted and app.get("status") == "RUNNING" and deployment.get("status") == "HEALTHY":
+                return
+    raise ModelsError(f"the cluster did not apply the change to {name} within {timeout_s:g}s (see `make status`)")
+
+
+def promote(settings: ClusterSettings, name: str, version: str) -> str | None:
+    _servable(settings, name, version)
+    config = running_config(settings)
+    previous = set_served(config, name, version)
+    if previous != version:
+        _apply(settings, config, name)
+    return previous
+
+
+def rollback(settings: ClusterSettings, name: str) -> tuple[str | None, str]:
+    config = running_config(settings)
+    previous = pinned_user_config(config, name).get("previous_version")
+    if not previous:
+        raise ModelsError(f"no version of {name} to roll back to: nothing was promoted since the last deploy")
+    return promote(settings, name, str(previous)), str(previous)
+
+
+def canary(settings: ClusterSettings, name: str, version: str | None, percent: float) -> None:
+    if version is not None and percent > 0:
+        _servable(settings, name, version)
+    config = running_config(settings)
+    set_canary(config, name, version, percent)
+    _apply(settings, config, name)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -198,6 +318,14 @@ def main(argv: list[str], settings: ClusterSettings) -> int:
     delete_cmd = commands.add_parser("delete", help="remove a version (refused while it is served)")
     delete_cmd.add_argument("spec", metavar="NAME:VERSION")
     delete_cmd.add_argument("--force", action="store_true", help="delete even a served version")
+    promote_cmd = commands.add_parser("promote", help="a pinned model serves this version, live")
+    promote_cmd.add_argument("spec", metavar="NAME:VERSION")
+    rollback_cmd = commands.add_parser("rollback", help="a pinned model goes back to the version before")
+    rollback_cmd.add_argument("name", metavar="NAME")
+    canary_cmd = commands.add_parser("canary", help="send a share of a pinned model's requests to another version")
+    canary_cmd.add_argument("spec", metavar="NAME[:VERSION]")
+    canary_cmd.add_argument("--percent", type=float, default=10.0, help="share of requests, 0-100 (default 10)")
+    canary_cmd.add_argument("--off", action="store_true", help="end the canary")
     for sub in commands.choices.values():
         sub.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
@@ -241,6 +369,25 @@ def main(argv: list[str], settings: ClusterSettings) -> int:
             name, version = split_spec(args.spec, version_required=True)
             manifest = delete(settings, name, version, force=args.force)
             _print(args, _row(manifest, None), f"deleted {name}:{version} ({len(manifest.files)} files)")
+        elif args.command == "promote":
+            name, version = split_spec(args.spec, version_required=True)
+            previous = promote(settings, name, version)
+            if previous == version:
+                print(f"{name} already serves {version}")
+            else:
+                print(f"{name} serves {version} (was {previous}); undo with: python -m cluster models rollback {name}")
+                print("this changes the running cluster; `make deploy` returns to cluster/serve_config.yaml")
+        elif args.command == "rollback":
+            from_version, to_version = rollback(settings, args.name)
+            print(f"{args.name} serves {to_version} again (was {from_version})")
+        elif args.command == "canary":
+            name, version = split_spec(args.spec, version_required=not args.off)
+            if args.off:
+                canary(settings, name, None, 0)
+                print(f"{name}: no canary; every request gets the served version")
+            else:
+                canary(settings, name, version, args.percent)
+                print(f"{name}: {args.percent:g}% of requests for {name} go to {version}")
     except (ModelsError, NotAModelError, VersionConflictError, VersionNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

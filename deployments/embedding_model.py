@@ -33,11 +33,16 @@ class ModelConfig(BaseModel):
     forward_batch_size: int = Field(32, ge=1, description="Texts per forward pass within a batch.")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: Ray's num_cpus.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    previous_version: str | None = Field(None, description="What `models rollback` returns to.")
+    canary_version: str | None = Field(
+        None, description="Another version of this model, served on demand to canary_percent of the requests."
+    )
+    canary_percent: float = Field(0.0, ge=0, le=100)
 
-    @field_validator("version")
+    @field_validator("version", "previous_version", "canary_version")
     @classmethod
-    def _plain_version(cls, value: str) -> str:
-        return check_name("version", value)
+    def _plain_version(cls, value: str | None) -> str | None:
+        return value if value is None else check_name("version", value)
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,8 @@ class EmbeddingModel:
             loaded_at=loaded.loaded_at,
             device=str(loaded.encoder.device),
             max_seq_length=loaded.encoder.spec.max_seq_length,
+            canary_version=self.config.canary_version if self.config.canary_percent > 0 else None,
+            canary_percent=self.config.canary_percent if self.config.canary_version else 0.0,
         )
 
     async def embed(self, texts: list[str]) -> EmbeddingBatch:

@@ -5,7 +5,10 @@
 
 Setups: raw (model in-process, all cores), plain (FastAPI + uvicorn, model in-process), serve
 (Serve directly, every item a cache miss), full (through NGINX, misses), cached (through NGINX,
-every item a hit), jobs (the same items as one asynchronous job). One experiment is not in the
+every item a hit), jobs (the same items as one asynchronous job), ondemand (the same weights pushed
+under another name, so the multiplexed ModelPool serves them, through NGINX, misses), rerank (a
+MiniLM-L6 cross-encoder, the default model's encoder with a fresh one-label head, on demand through
+NGINX /v1/rerank, every pair new, against the same cross-encoder in-process, all cores). One experiment is not in the
 default run: fused (loadtests/fused_app.py, the gateway and the model in one deployment, reached
 like serve; `--setups serve,fused`). The load generator is its own
 process and reports the CPU it used. Writes results.json and chart.png to the results directory
@@ -40,7 +43,9 @@ from serve_app.settings import REPO_ROOT
 MODEL = "all-minilm-l6-v2"
 METRICS_SETTLE_S = 5.0  # Ray exports metrics every 2 s (RAY_metrics_report_interval_ms); wait two rounds
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
-ALL_SETUPS = ("raw", "plain", "serve", "full", "cached", "jobs")
+ALL_SETUPS = ("raw", "plain", "serve", "full", "cached", "jobs", "ondemand", "rerank")
+ONDEMAND_MODEL = "bench-ondemand"  # the default model's weights under a name the Serve config does not pin
+RERANK_MODEL = "bench-reranker"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -72,7 +77,7 @@ class Bench:
         self.duration_s = duration_s
         self.job_items = job_items
         self.fresh_start = int(time.time() * 1000) % 10**6 * 1000  # texts this run alone sends
-        self.results: dict = {"runs": [], "raw": {}, "jobs": {}}
+        self.results: dict = {"runs": [], "raw": {}, "jobs": {}, "raw_rerank": {}}
         # Its own key without a rate limit or job quota: the limit is still looked up and applied.
         self.api_key = asyncio.run(
             issue_key(
@@ -90,7 +95,7 @@ class Bench:
 
     # -- measuring ------------------------------------------------------------------------
 
-    def loadgen(self, url: str, concurrency: int, size: int, mode: str) -> dict:
+    def loadgen(self, url: str, concurrency: int, size: int, mode: str, model: str = MODEL) -> dict:
         self.fresh_start += 10**6
         command = [
             sys.executable,
@@ -107,6 +112,8 @@ class Bench:
             mode,
             "--start",
             str(self.fresh_start),
+            "--model",
+            model,
         ]
         env = {**os.environ, API_KEY_ENV: self.api_key}
         result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO_ROOT, env=env)
@@ -129,18 +136,20 @@ class Bench:
 
         return total("ray_embedding_texts_computed_total"), total("ray_embedding_batch_texts_count")
 
-    def measure(self, setup: str, url: str, mode: str = "fresh", model_metrics: bool = True) -> None:
+    def measure(
+        self, setup: str, url: str, mode: str = "fresh", model_metrics: bool = True, model: str = MODEL
+    ) -> None:
         for size in self.sizes:
             for concurrency in self.levels:
                 before = self.batch_texts() if model_metrics else None
-                run = self.loadgen(url, concurrency, size, mode)
+                run = self.loadgen(url, concurrency, size, mode, model)
                 if model_metrics:
                     time.sleep(METRICS_SETTLE_S)
                     after = self.batch_texts()
                     batches = after[1] - before[1]
                     run["mean_batch_texts"] = round((after[0] - before[0]) / batches, 2) if batches else "-"
                 else:
-                    run["mean_batch_texts"] = size
+                    run["mean_batch_texts"] = size if setup == "plain" else "-"  # plain: one request, one batch
                 run |= {"setup": setup, "size": size, "concurrency": concurrency}
                 self.results["runs"].append(run)
                 print(
@@ -163,6 +172,47 @@ class Bench:
         self.results["raw"] = json.loads(result.stdout.strip().splitlines()[-1])
         for size, row in self.results["raw"]["by_batch_size"].items():
             print(f"  raw     batch {size:>2}      {row['items_per_s']:>8.1f} items/s", flush=True)
+
+    def ondemand(self) -> None:
+        """The default model's weights as a model the Serve config does not pin: the pool serves it."""
+        from cluster import models
+        from cluster.seed import default_model_dir
+
+        models.push(self.settings, default_model_dir(), ONDEMAND_MODEL, "1")
+        url = f"{self.settings.public_url}/v1/embeddings"
+        self.loadgen(url, max(self.levels), max(self.sizes), "fresh", ONDEMAND_MODEL)  # loads it, warms
+        self.measure("ondemand", url, model_metrics=False, model=ONDEMAND_MODEL)
+
+    def rerank(self) -> None:
+        """A MiniLM-L6 cross-encoder (what cross-encoder/ms-marco-MiniLM-L-6-v2 is) on demand, and in-process."""
+        from transformers import AutoTokenizer, BertForSequenceClassification
+
+        from cluster import models
+        from cluster.seed import default_model_dir
+
+        directory = self.out / "reranker"
+        if not (directory / "config.json").exists():
+            source = default_model_dir()
+            BertForSequenceClassification.from_pretrained(source, num_labels=1).save_pretrained(directory)
+            AutoTokenizer.from_pretrained(source).save_pretrained(directory)
+        models.push(self.settings, directory, RERANK_MODEL, "1")
+        sizes = ",".join(str(s) for s in self.sizes)
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "loadtests.raw_model", "--rerank", str(directory)),
+                *("--sizes", sizes, "--duration", str(self.duration_s)),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO_ROOT,
+        )
+        self.results["raw_rerank"] = json.loads(result.stdout.strip().splitlines()[-1])
+        for size, row in self.results["raw_rerank"]["by_batch_size"].items():
+            print(f"  raw rerank batch {size:>2}   {row['items_per_s']:>8.1f} pairs/s", flush=True)
+        url = f"{self.settings.public_url}/v1/rerank"
+        self.loadgen(url, max(self.levels), max(self.sizes), "rerank", RERANK_MODEL)  # loads it, warms
+        self.measure("rerank", url, mode="rerank", model_metrics=False, model=RERANK_MODEL)
 
     def plain(self) -> None:
         with socket.socket() as probe:
@@ -273,6 +323,13 @@ class Bench:
             f"jobs/full (size {big}, saturation)": ratio(
                 self.results["jobs"].get("items_per_s", 0.0), self.best("full", big)
             ),
+            f"ondemand/full (size {big}, {top} clients)": ratio(
+                self.best("ondemand", big, top), self.best("full", big, top)
+            ),
+            f"rerank/raw rerank (size {big}, saturation)": ratio(
+                self.best("rerank", big),
+                self.results["raw_rerank"].get("by_batch_size", {}).get(str(big), {}).get("items_per_s", 0.0),
+            ),
         }
 
     def machine(self) -> dict:
@@ -356,6 +413,10 @@ class Bench:
         ]
         for size, row in self.results["raw"]["by_batch_size"].items():
             lines.append(f"| raw | {size} (batch) | - | {row['items_per_s']} | - | - | - | - | {size} | - |")
+        for size, row in self.results["raw_rerank"].get("by_batch_size", {}).items():
+            lines.append(
+                f"| raw rerank | {size} pairs (batch) | - | {row['items_per_s']} | - | - | - | - | {size} | - |"
+            )
         for r in self.results["runs"]:
             lines.append(
                 f"| {r['setup']} | {r['size']} | {r['concurrency']} | {r['items_per_s']} | {r['requests_per_s']} | "
@@ -400,6 +461,12 @@ class Bench:
         if "jobs" in setups:
             print("jobs: the same kind of items as one asynchronous job", flush=True)
             self.jobs()
+        if "ondemand" in setups:
+            print("ondemand: the same weights served on demand by the multiplexed pool, through NGINX", flush=True)
+            self.ondemand()
+        if "rerank" in setups:
+            print("rerank: a MiniLM-L6 cross-encoder, on demand through NGINX, every pair new", flush=True)
+            self.rerank()
         if set(ALL_SETUPS) <= set(setups):
             self.results["ratios"] = self.ratios()
         else:

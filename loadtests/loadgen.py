@@ -1,6 +1,7 @@
 """A closed-loop HTTP load generator, run as its own process by the benchmark.
 
-    python -m loadtests.loadgen URL --concurrency 32 --size 16 --duration 8 --mode fresh
+    python -m loadtests.loadgen URL --concurrency 32 --size 16 --duration 8 --mode fresh [--model M]
+    python -m loadtests.loadgen .../v1/rerank --mode rerank --model my-reranker --size 16   # a query, 16 documents
 Prints one JSON line: requests, items, errors, seconds, latency percentiles, and this process's CPU.
 The API key, if any, comes from $LOADGEN_API_KEY.
 """
@@ -24,8 +25,10 @@ MODEL = "all-minilm-l6-v2"
 API_KEY_ENV = "LOADGEN_API_KEY"  # an environment variable, not an argument: `ps` shows arguments
 
 
-async def run(url: str, concurrency: int, size: int, duration_s: float, mode: str, start: int) -> dict:
-    if mode == "fresh":
+async def run(
+    url: str, concurrency: int, size: int, duration_s: float, mode: str, start: int, model: str = MODEL
+) -> dict:
+    if mode in ("fresh", "rerank"):
         batches = fresh_batches(size, start)
     else:
         pool = fixed_set(256)
@@ -41,7 +44,12 @@ async def run(url: str, concurrency: int, size: int, duration_s: float, mode: st
             nonlocal errors
             while time.perf_counter() < deadline:
                 began = time.perf_counter()
-                response = await client.post(url, json={"model": MODEL, "input": next(batches)})
+                texts = next(batches)
+                if mode == "rerank":  # one query and `size` documents, every pair new
+                    body = {"model": model, "query": texts[0], "documents": texts}
+                else:
+                    body = {"model": model, "input": texts}
+                response = await client.post(url, json=body)
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - began)
                 else:
@@ -77,10 +85,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--size", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--mode", choices=["fresh", "cached"], default="fresh")
+    parser.add_argument("--mode", choices=["fresh", "cached", "rerank"], default="fresh")
+    parser.add_argument("--model", default=MODEL)
     parser.add_argument("--start", type=int, default=0, help="first sentence number (fresh texts)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.url, args.concurrency, args.size, args.duration, args.mode, args.start))))
+    print(
+        json.dumps(
+            asyncio.run(run(args.url, args.concurrency, args.size, args.duration, args.mode, args.start, args.model))
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
 no version is given or the version is the one it serves; any other version of it, and any other
 model in the repository, goes to the multiplexed ModelPool (deployments/model_pool.py) with
 `multiplexed_model_id="name:version"`, so Serve routes it to a replica that already holds it. An
-unversioned name that is not pinned means its newest version. The repository is read through a
+unversioned name that is not pinned means its newest version. A pinned model's replicas may name a
+canary version (their user_config's canary_version and canary_percent): that share of the requests
+for the bare name goes to the canary through the pool, and its answers say so in X-Model-Version
+and history. The repository is read through a
 short-lived cache (`listing_ttl_s`), so a request does not list the bucket, and a version pushed
 a moment ago is servable within that time.
 """
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,6 +29,8 @@ from serve_app.embeddings.model_client import ModelClient
 from serve_app.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from serve_app.infra.redis import GuardedRedis
 from serve_app.model_repository import NAME_PATTERN, Manifest, ModelRepository
+
+logger = logging.getLogger(__name__)
 
 TASK_ROUTES = {"embed": "/v1/embeddings", "rerank": "/v1/rerank"}
 MAX_POOL_CLIENTS = 256
@@ -46,6 +53,18 @@ class Resolved:
     pinned: bool
 
 
+@dataclass(frozen=True)
+class Described:
+    """What a model version is, without loading it: for metadata (the v2 protocol's, say)."""
+
+    name: str
+    version: str
+    task: str
+    dims: int
+    framework: str
+    versions: list[str]
+
+
 class ModelCatalog:
     def __init__(
         self,
@@ -65,6 +84,7 @@ class ModelCatalog:
         self.listing_ttl_s = listing_ttl_s
         self._versions: dict[str, tuple[float, list[Manifest]]] = {}
         self._pool_clients: OrderedDict[str, ModelClient] = OrderedDict()
+        self._random = random.Random()
 
     async def resolve(self, spec: str, task: str) -> Resolved:
         """The client that serves `spec` for `task`; 404 for a model or version the cluster lacks, 400 for
@@ -73,12 +93,45 @@ class ModelCatalog:
         client = self.pinned.get(name)
         if client is not None:
             info = await client.info()
+            if version is None and info.canary_version and self._canary_draw(info.canary_percent):
+                canary = await self._canary(name, info.canary_version, task)
+                if canary is not None:
+                    return canary
             if version is None or version == info.version:
                 self._check_task(spec, info.task, task)
                 return Resolved(client, pinned=True)
         manifest = await self._manifest(name, version)
         self._check_task(spec, manifest.task, task)
         return Resolved(self._pool_client(manifest.name, manifest.version), pinned=False)
+
+    async def describe(self, spec: str) -> Described:
+        """The model version `spec` names (404 as resolve says), from what serves it or its manifest."""
+        name, version = parse_model(spec)
+        client = self.pinned.get(name)
+        if client is not None:
+            info = await client.info()
+            if version is None or version == info.version:
+                try:
+                    versions = [m.version for m in await self.versions(name)]
+                except ServiceUnavailableError:
+                    versions = []
+                return Described(name, info.version, info.task, info.dims, info.framework, versions or [info.version])
+        manifest = await self._manifest(name, version)
+        versions = [m.version for m in await self.versions(name)]
+        return Described(name, manifest.version, manifest.task, manifest.dims, manifest.framework, versions)
+
+    def _canary_draw(self, percent: float) -> bool:
+        return self.pool is not None and self._random.random() * 100 < percent
+
+    async def _canary(self, name: str, version: str, task: str) -> Resolved | None:
+        """The canary version's client, or None (the pinned version answers) when the repository lacks it."""
+        try:
+            manifest = await self._manifest(name, version)
+        except (ModelNotFoundError, ServiceUnavailableError) as exc:
+            logger.warning("canary %s:%s is not servable, the pinned version answers: %s", name, version, exc)
+            return None
+        self._check_task(f"{name}:{version}", manifest.task, task)
+        return Resolved(self._pool_client(name, version), pinned=False)
 
     async def versions(self, name: str, *, fresh: bool = False) -> list[Manifest]:
         """The repository's versions of `name`, oldest first (at most `listing_ttl_s` old unless `fresh`)."""
@@ -115,6 +168,11 @@ class ModelCatalog:
         """The version each pinned model serves now."""
         infos = await asyncio.gather(*(client.info() for client in self.pinned.values()))
         return {name: info.version for name, info in zip(self.pinned, infos, strict=True)}
+
+    async def canary_versions(self) -> dict[str, str]:
+        """The canary version of each pinned model that has one."""
+        infos = await asyncio.gather(*(client.info() for client in self.pinned.values()))
+        return {name: info.canary_version for name, info in zip(self.pinned, infos, strict=True) if info.canary_version}
 
     async def _manifest(self, name: str, version: str | None) -> Manifest:
         if self.pool is None:
@@ -157,9 +215,13 @@ class ModelCatalog:
         if has != wanted:
             route = TASKS_HINT.get(has, "")
             raise InvalidRequestError(
-                f"the model {spec!r} is a {has} model, not a {wanted} model{route}",
+                f"the model {spec!r} is {_a(has)} model, not {_a(wanted)} model{route}",
                 param="model",
             )
+
+
+def _a(task: str) -> str:
+    return f"an {task}" if task[:1] in "aeiou" else f"a {task}"
 
 
 TASKS_HINT = {task: f": use POST {route}" for task, route in TASK_ROUTES.items()}

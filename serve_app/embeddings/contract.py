@@ -32,6 +32,8 @@ class ModelInfo:
     loaded_at: float
     device: str
     max_seq_length: int
+    canary_version: str | None = None  # a second version that gets canary_percent of bare-name requests
+    canary_percent: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from serve_app.http.container import Services
 from serve_app.http.errors import install_error_handlers
 from serve_app.http.middleware import RequestContextMiddleware
-from serve_app.http.routes import admin, auth, embeddings, health, history, jobs, models, rerank
+from serve_app.http.routes import admin, auth, embeddings, health, history, jobs, models, rerank, v2
 
 API_VERSION = "0.1.0"
 
@@ -40,6 +40,7 @@ def create_app(services: Services) -> FastAPI:
         history.router,
         admin.router,
         health.router,
+        v2.router,
     ):
         app.include_router(router)
     return app

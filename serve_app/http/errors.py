@@ -1,9 +1,13 @@
-"""The one place that maps errors to HTTP responses (OpenAI's error shape)."""
+"""The one place that maps errors to HTTP responses: OpenAI's error shape, and under /v2 the Open
+Inference Protocol's ({"error": "message"}), for the same errors with the same statuses."""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -94,9 +98,30 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+PROTOCOL_V2_PREFIX = "/v2"
+
+Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
+
+
+def _in_protocol_shape(handler: Handler) -> Handler:
+    """Under /v2, the same answer with the body the Open Inference Protocol gives errors."""
+
+    @functools.wraps(handler)
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        response = await handler(request, exc)
+        path = request.url.path
+        if path != PROTOCOL_V2_PREFIX and not path.startswith(PROTOCOL_V2_PREFIX + "/"):
+            return response
+        message = json.loads(response.body)["error"]["message"]
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse({"error": message}, response.status_code, headers=headers)
+
+    return handle
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(PyMongoError, _mongo_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_exception_handler(APIError, _in_protocol_shape(_api_error))
+    app.add_exception_handler(RequestValidationError, _in_protocol_shape(_validation_error))
+    app.add_exception_handler(StarletteHTTPException, _in_protocol_shape(_http_error))
+    app.add_exception_handler(PyMongoError, _in_protocol_shape(_mongo_error))
+    app.add_exception_handler(Exception, _in_protocol_shape(_unexpected_error))

@@ -13,7 +13,7 @@ from serve_app.history import HistoryWriter
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-RECORDED_PREFIX = "/v1/"
+RECORDED_PREFIXES = ("/v1/", "/v2/")
 
 
 class RequestContextMiddleware:
@@ -44,7 +44,7 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if scope["method"] == "POST" and scope["path"].startswith(RECORDED_PREFIX):
+            if scope["method"] == "POST" and scope["path"].startswith(RECORDED_PREFIXES):
                 principal = state.get("principal")  # set by authentication; absent when it refused
                 self.history.record(
                     request_id=request_id,

@@ -157,6 +157,8 @@ class ModelCard(BaseModel):
     device: str | None = Field(None, description="Where it runs, once loaded.")
     max_seq_length: int | None = None
     versions: list[ModelVersionState] = Field(default_factory=list, description="Every version in the repository.")
+    canary_version: str | None = Field(None, description="A version that answers canary_percent of the requests.")
+    canary_percent: float | None = None
 
 
 class RepositoryModel(BaseModel):
@@ -222,6 +224,16 @@ class JobRequest(BaseModel):
     input_url: str | None = Field(None, max_length=1024, description="s3://<jobs bucket>/<key> of a JSON-lines file.")
     upload_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="An id from POST /v1/uploads.")
     callback_url: str | None = Field(None, max_length=2048, description="POSTed the final job document.")
+    query: str | None = Field(
+        None, description="With a rerank model: each input text is a document, scored against this query."
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _query_within_limits(cls, value: str | None) -> str | None:
+        if value is not None and (problem := text_problem(value, get_settings().max_text_chars)):
+            raise _invalid(f"query {problem}")
+        return value
 
     @field_validator("input")
     @classmethod
@@ -313,14 +325,20 @@ class JobList(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null at the end.")
 
 
+class ScoredDocument(BaseModel):
+    index: int
+    relevance_score: float
+
+
 class JobResultInline(BaseModel):
-    """A small result, in the embeddings response's shape."""
+    """A small result, in the embeddings response's shape (a rerank job's: each document's score, in
+    the input's order)."""
 
     object: Literal["list"] = "list"
     job_id: str
     model: str
     version: str
-    data: list[Embedding]
+    data: list[Embedding] | list[ScoredDocument]
     usage: Usage
 
 
@@ -498,3 +516,60 @@ class HistoryList(BaseModel):
     object: Literal["list"] = "list"
     data: list[HistoryRecord]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null at the end.")
+
+
+# -- the Open Inference Protocol (KServe v2, Triton HTTP) ----------------------------------------
+
+
+class V2Error(BaseModel):
+    error: str
+
+
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[float] | None = None
+    parameters: dict | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2OutputTensor]

@@ -156,8 +156,11 @@ class JobObjects:
             response.close()
             response.release_conn()
 
-    def write_result(self, job_id: str, vectors: np.ndarray, token_counts: list[int]) -> tuple[ObjectRef, int]:
-        """Write results as JSON lines ({"index", "embedding", "tokens"}); the same job id, the same key.
+    def write_result(
+        self, job_id: str, vectors: np.ndarray, token_counts: list[int], task: str = "embed"
+    ) -> tuple[ObjectRef, int]:
+        """Write results as JSON lines ({"index", "embedding", "tokens"}, or a rerank job's {"index",
+        "relevance_score", "tokens"}); the same job id, the same key.
 
         Returns where, and how many bytes.
         """
@@ -165,7 +168,8 @@ class JobObjects:
         ref = ObjectRef(self.bucket, f"results/{job_id}.jsonl")
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=True) as out:
             for i, (row, tokens) in enumerate(zip(vectors, token_counts, strict=True)):
-                out.write(json.dumps({"index": i, "embedding": row.tolist(), "tokens": tokens}) + "\n")
+                value = {"relevance_score": float(row[0])} if task == "rerank" else {"embedding": row.tolist()}
+                out.write(json.dumps({"index": i, **value, "tokens": tokens}) + "\n")
             out.flush()
             self.client.fput_object(ref.bucket, ref.key, out.name, content_type=UPLOAD_CONTENT_TYPE)
             return ref, os.path.getsize(out.name)

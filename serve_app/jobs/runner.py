@@ -24,6 +24,7 @@ from serve_app.errors import APIError
 from serve_app.jobs.objects import InputError, JobObjects, ObjectRef, parse_text_lines
 from serve_app.jobs.queue import Disposition
 from serve_app.jobs.store import CancelRequested, JobEnded, JobMissing, JobStatus, JobStore, LeaseHeld
+from serve_app.rerank.service import RerankService
 from serve_app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,18 @@ class Settlement:
 
 
 class JobRunner:
-    def __init__(self, settings: Settings, store: JobStore, embeddings: EmbeddingService, objects: JobObjects) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        embeddings: EmbeddingService,
+        objects: JobObjects,
+        rerank: RerankService | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.embeddings = embeddings
+        self.rerank = rerank or RerankService(embeddings.catalog, embeddings.cache)
         self.objects = objects
         self.worker = {"host": socket.gethostname(), "pid": os.getpid()}
 
@@ -73,8 +82,9 @@ class JobRunner:
             return await self._give_up(job)
         try:
             texts = await self._texts(job)
-            vectors, tokens, version = await self._embed(job_id, lease, job["model"], texts)
-            result = await self._store_result(job_id, vectors, tokens, version)
+            query = job["input"].get("query")
+            vectors, tokens, version = await self._embed(job_id, lease, job["model"], texts, query)
+            result = await self._store_result(job_id, vectors, tokens, version, "embed" if query is None else "rerank")
         except JobCancelled:
             await self.store.finish(job_id, JobStatus.CANCELLED, lease_owner=lease)
             return Settlement(Disposition.ACK)
@@ -125,9 +135,12 @@ class JobRunner:
             )
         )
 
-    async def _embed(self, job_id: str, lease: str, model: str, texts: list[str]) -> tuple[np.ndarray, list[int], str]:
+    async def _embed(
+        self, job_id: str, lease: str, model: str, texts: list[str], query: str | None = None
+    ) -> tuple[np.ndarray, list[int], str]:
         """Chunks to the model with a sliding window of `job_parallel_chunks` in flight, so the
-        model never waits on this job; progress (and the cancel check) at most every half second."""
+        model never waits on this job; progress (and the cancel check) at most every half second.
+        With a query (a rerank job) each text is a document and its "vector" is its one score."""
         size = self.settings.job_chunk_size
         chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
         window = asyncio.Semaphore(self.settings.job_parallel_chunks)
@@ -141,7 +154,13 @@ class JobRunner:
             async with window:
                 if cancelled:
                     raise JobCancelled
-                outcome = await self.embeddings.embed(model, chunk)
+                if query is None:
+                    outcome = await self.embeddings.embed(model, chunk)
+                else:
+                    scored = await self.rerank.rerank(model, query, chunk)
+                    outcome = EmbeddingOutcome(
+                        scored.model, scored.version, scored.scores[:, None], scored.token_counts, scored.cache_hits
+                    )
                 done += len(chunk)
                 if time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
                     last_report = time.monotonic()
@@ -170,8 +189,11 @@ class JobRunner:
         if not await self.store.record_progress(job_id, lease, done, total):
             raise LeaseLost
 
-    async def _store_result(self, job_id: str, vectors: np.ndarray, tokens: list[int], version: str) -> dict:
+    async def _store_result(
+        self, job_id: str, vectors: np.ndarray, tokens: list[int], version: str, task: str = "embed"
+    ) -> dict:
         result = {
+            "task": task,
             "count": len(tokens),
             "dims": int(vectors.shape[1]),
             "version": version,
@@ -180,5 +202,5 @@ class JobRunner:
         if len(tokens) <= self.settings.job_inline_result_max_items:
             await self.store.save_inline_result(job_id, version, vectors, tokens)
             return {**result, "kind": "inline"}
-        ref, size = await asyncio.to_thread(self.objects.write_result, job_id, vectors, tokens)
+        ref, size = await asyncio.to_thread(self.objects.write_result, job_id, vectors, tokens, task)
         return {**result, "kind": "object", "url": ref.url, "bytes": size}

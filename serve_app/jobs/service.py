@@ -47,6 +47,7 @@ class JobInput:
     texts: list[str] | None = None
     input_url: str | None = None
     upload_id: str | None = None
+    query: str | None = None  # a rerank job: the texts are documents, scored against this query
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,9 @@ class JobResult:
     model: str
     version: str
     count: int
-    vectors: np.ndarray | None = None
+    vectors: np.ndarray | None = None  # (count, dims); a rerank job's: (count, 1), the scores
     token_counts: list[int] | None = None
+    task: str = "embed"
     url: str | None = None
     bytes: int | None = None
     expires_in_s: int | None = None
@@ -188,7 +190,8 @@ class JobService:
     async def _submit(
         self, caller: Principal, model: str, source: JobInput, callback_url: str | None, *, job_id: str | None = None
     ) -> Submission:
-        await self.embeddings.model(model)  # an unknown model is refused here, not by a worker
+        # An unknown model, or one of another task, is refused here, not by a worker.
+        await self.embeddings.model(model, "rerank" if source.query is not None else "embed")
         callback = None
         if callback_url:
             callback = {
@@ -207,6 +210,8 @@ class JobService:
             except InputError as exc:
                 raise InvalidRequestError(str(exc), param="upload_id" if source.upload_id else "input_url") from exc
             stored_input = {"kind": "object", "url": ref.url}
+        if source.query is not None:
+            stored_input["query"] = source.query
         job_id = job_id or new_job_id()
         await self._admit(caller, job_id)
         doc = {
@@ -338,7 +343,13 @@ class JobService:
         if doc is None or not doc.get("result"):
             raise JobNotFoundError(f"job {job_id} has no stored result", param="id")
         stored = doc["result"]
-        common = {"job_id": job_id, "model": doc["model"], "version": stored["version"], "count": stored["count"]}
+        common = {
+            "job_id": job_id,
+            "model": doc["model"],
+            "version": stored["version"],
+            "count": stored["count"],
+            "task": stored.get("task", "embed"),
+        }
         if stored["kind"] == "object":
             url = await asyncio.to_thread(self.objects.download_url, ObjectRef.parse(stored["url"]))
             return JobResult(**common, url=url, bytes=stored["bytes"], expires_in_s=self.settings.job_presign_expiry_s)
@@ -356,6 +367,7 @@ def _fingerprint(model: str, source: JobInput, callback_url: str | None) -> str:
         "input": source.texts,
         "input_url": source.input_url,
         "upload_id": source.upload_id,
+        "query": source.query,
         "callback_url": callback_url,
     }
     return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

@@ -154,12 +154,17 @@ async def get_repository_version(name: ModelName, version: ModelName, services: 
 async def delete_repository_version(
     name: ModelName, version: ModelName, services: ServicesDep, force: bool = False
 ) -> RepositoryModel:
-    """Remove a version from the repository; refused (409) while a pinned deployment serves it, unless
-    `force` (its replicas then fail the next time they load it)."""
+    """Remove a version from the repository; refused (409) while a pinned deployment serves it or it is
+    that deployment's canary, unless `force` (its replicas then fail the next time they load it)."""
     catalog = services.embeddings.catalog
     manifest = await _manifest(services, name, version)
-    if not force and (await catalog.served_versions()).get(name) == version:
-        raise ConflictError(f"{name}:{version} is served now; deploy another version first (or force=true)")
+    if not force and version in (
+        (await catalog.served_versions()).get(name),
+        (await catalog.canary_versions()).get(name),
+    ):
+        raise ConflictError(
+            f"{name}:{version} is served now (or is its canary); deploy another version first (or force=true)"
+        )
     await asyncio.to_thread(catalog.repository.delete, name, version)
     catalog.forget(name)
     return _row(manifest, "available")

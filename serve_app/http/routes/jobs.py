@@ -19,6 +19,7 @@ from serve_app.http.schemas import (
     JobResultInline,
     JobResultObject,
     JobStatusName,
+    ScoredDocument,
     SubmittedJob,
     UploadTicket,
     Usage,
@@ -81,7 +82,7 @@ async def submit_job(
     `callback_secret`.
     """
     request.state.history = {"model": body.model, "items": len(body.input) if body.input else None, "kind": "job"}
-    source = JobInput(texts=body.input, input_url=body.input_url, upload_id=body.upload_id)
+    source = JobInput(texts=body.input, input_url=body.input_url, upload_id=body.upload_id, query=body.query)
     submission = await jobs.submit(caller, body.model, source, body.callback_url, idempotency_key)
     view = submission.job
     request.state.history["job_id"] = view["id"]
@@ -138,8 +139,12 @@ async def get_job_result(job_id: JobId, jobs: JobServiceDep, caller: JobsCallerD
             **common, count=result.count, bytes=result.bytes, url=result.url, expires_in_s=result.expires_in_s
         )
     total = int(np.sum(result.token_counts))
+    if result.task == "rerank":
+        data = [ScoredDocument(index=i, relevance_score=float(v[0])) for i, v in enumerate(result.vectors)]
+    else:
+        data = [Embedding(index=i, embedding=v) for i, v in enumerate(result.vectors.tolist())]
     return JobResultInline(
         **common,
-        data=[Embedding(index=i, embedding=v) for i, v in enumerate(result.vectors.tolist())],
+        data=data,
         usage=Usage(prompt_tokens=total, total_tokens=total),
     )

@@ -46,6 +46,8 @@ def _card_of_info(info: ModelInfo, state: str, versions: list[ModelVersionState]
         device=info.device,
         max_seq_length=info.max_seq_length,
         versions=versions,
+        canary_version=info.canary_version,
+        canary_percent=info.canary_percent if info.canary_version else None,
     )
 
 

@@ -7,7 +7,7 @@ import sys
 
 from serve_app.settings import REPO_ROOT
 
-SETUPS = ("plain", "serve", "full", "cached")
+SETUPS = ("plain", "serve", "full", "cached", "ondemand", "rerank")
 
 
 def test_benchmark_quick_run_measures_every_setup(tmp_path):
@@ -19,6 +19,7 @@ def test_benchmark_quick_run_measures_every_setup(tmp_path):
     )
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["raw"]["by_batch_size"]) == {"1", "16"}
+    assert set(results["raw_rerank"]["by_batch_size"]) == {"1", "16"}
     for setup in SETUPS:
         runs = [r for r in results["runs"] if r["setup"] == setup]
         assert {r["size"] for r in runs} == {1, 16}, setup

@@ -230,3 +230,24 @@ def test_admin_lists_shows_and_deletes_versions(api, settings, models, make_key)
     assert api.get(f"/v1/admin/models/{names['embed']}/versions/scratch").status_code == 404
     not_admin = make_key(f"itest-{uuid.uuid4().hex[:6]}", scopes=["infer"])
     assert api.get("/v1/admin/models", headers={"Authorization": f"Bearer {not_admin}"}).status_code == 403
+
+
+def test_a_rerank_job_scores_every_document_like_transformers(api, models):
+    from tests.integration.helpers import wait_for
+
+    names, dirs = models
+    documents = [f"document {i} about {'pandas' if i % 2 else 'cities'} {uuid.uuid4().hex[:4]}" for i in range(40)]
+    submitted = api.post("/v1/jobs", json={"model": names["rerank"], "query": QUERY, "input": documents})
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["input"]["query"] == QUERY
+    finished = wait_for(api, submitted.json()["id"])
+    assert finished["status"] == "succeeded", finished["error"]
+    result = api.get(finished["result_url"]).json()
+    assert result["version"] == "1"
+    assert [d["index"] for d in result["data"]] == list(range(len(documents)))
+    np.testing.assert_allclose(
+        [d["relevance_score"] for d in result["data"]], reference_scores(dirs["rerank:1"], QUERY, documents), atol=1e-4
+    )
+    wrong = api.post("/v1/jobs", json={"model": names["embed"], "query": QUERY, "input": ["a"]})
+    assert wrong.status_code == 400
+    assert "is an embed model, not a rerank model" in wrong.json()["error"]["message"]

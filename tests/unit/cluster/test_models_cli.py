@@ -53,3 +53,40 @@ def test_push_takes_a_directory_or_a_package_not_both_nor_neither(tmp_path, caps
     assert "one of them" in capsys.readouterr().err
     assert main(["push", "--from-package", "no-such-model-package", "--name", "m", "--version", "1"], settings) == 1
     assert "no installed package 'no-such-model-package'" in capsys.readouterr().err
+
+
+def serve_config(version="1"):
+    return {
+        "applications": [
+            {
+                "args": {"model": "m"},
+                "deployments": [{"name": "Gateway"}, {"name": "EmbeddingModel", "user_config": {"version": version}}],
+            }
+        ]
+    }
+
+
+def test_promote_records_the_version_to_roll_back_to_and_ends_a_canary_of_it():
+    from cluster.models import pinned_user_config, set_canary, set_served
+
+    config = serve_config()
+    set_canary(config, "m", "2", 10)
+    assert pinned_user_config(config, "m") == {"version": "1", "canary_version": "2", "canary_percent": 10}
+    assert set_served(config, "m", "2") == "1"
+    assert pinned_user_config(config, "m") == {"version": "2", "previous_version": "1"}
+    assert set_served(config, "m", "1") == "2"  # a rollback is a promote of the previous version
+    assert pinned_user_config(config, "m") == {"version": "1", "previous_version": "2"}
+    set_canary(config, "m", "3", 5)
+    set_canary(config, "m", None, 0)
+    assert "canary_version" not in pinned_user_config(config, "m")
+
+
+def test_only_a_pinned_model_is_promoted_and_a_canary_is_another_version():
+    from cluster.models import set_canary, set_served
+
+    with pytest.raises(ModelsError, match="not pinned by the Serve config"):
+        set_served(serve_config(), "other", "2")
+    with pytest.raises(ModelsError, match="already the served version"):
+        set_canary(serve_config(), "m", "1", 10)
+    with pytest.raises(ModelsError, match="must be in"):
+        set_canary(serve_config(), "m", "2", 150)

@@ -1,6 +1,7 @@
 """ModelCatalog: which deployment answers a request's `model` (pinned, or the pool with which model id)."""
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -119,7 +120,7 @@ def test_a_model_of_another_task_is_a_400_that_names_its_route(catalog):
 
 
 async def _a_model_of_another_task_is_a_400_that_names_its_route(catalog):
-    with pytest.raises(InvalidRequestError, match="is a rerank model, not a embed model: use POST /v1/rerank"):
+    with pytest.raises(InvalidRequestError, match="is a rerank model, not an embed model: use POST /v1/rerank"):
         await catalog.resolve("ranker", "embed")
     with pytest.raises(InvalidRequestError, match="use POST /v1/embeddings"):
         await catalog.resolve("other", "rerank")
@@ -159,3 +160,34 @@ def test_states():
     served, loaded = {"m": "1"}, {"m:2", "x:1"}
     assert [version_state("m", v, served, loaded) for v in ("1", "2", "3")] == ["pinned", "loaded", "available"]
     assert version_state("x", "1", served, loaded) == "loaded"
+
+
+def test_a_canary_gets_its_share_of_bare_name_requests_only(catalog):
+    asyncio.run(_canary_share(catalog))
+
+
+async def _canary_share(catalog):
+    handle = catalog.pinned["fake-model"].handle
+    original = handle._info
+
+    def with_canary():
+        return replace(original(), canary_version="2", canary_percent=20.0)
+
+    handle._info = with_canary
+    catalog._random.seed(1)
+    picked = [(await catalog.resolve("fake-model", "embed")).pinned for _ in range(2000)]
+    share = picked.count(False) / len(picked)
+    assert 0.17 < share < 0.23
+    canary = next(r for r in [await catalog.resolve("fake-model", "embed") for _ in range(50)] if not r.pinned)
+    assert canary.client.handle.model_id == "fake-model:2"
+    assert all([(await catalog.resolve("fake-model:1", "embed")).pinned for _ in range(100)])  # a named version
+
+
+def test_a_canary_the_repository_lacks_leaves_the_pinned_version_answering(catalog):
+    async def run():
+        handle = catalog.pinned["fake-model"].handle
+        original = handle._info
+        handle._info = lambda: replace(original(), canary_version="9", canary_percent=100.0)
+        assert all([(await catalog.resolve("fake-model", "embed")).pinned for _ in range(10)])
+
+    asyncio.run(run())
