@@ -185,17 +185,38 @@ class Bench:
 
     def rerank(self) -> None:
         """A MiniLM-L6 cross-encoder (what cross-encoder/ms-marco-MiniLM-L-6-v2 is) on demand, and in-process."""
+        import torch
         from transformers import AutoTokenizer, BertForSequenceClassification
 
         from cluster import models
         from cluster.seed import default_model_dir
+        from serve_app.model_repository import Manifest, ManifestFile, sha256_of
 
         directory = self.out / "reranker"
         if not (directory / "config.json").exists():
             source = default_model_dir()
+            torch.manual_seed(0)
             BertForSequenceClassification.from_pretrained(source, num_labels=1).save_pretrained(directory)
             AutoTokenizer.from_pretrained(source).save_pretrained(directory)
-        models.push(self.settings, directory, RERANK_MODEL, "1")
+        # Versions are immutable: name this one by its files, so another build is another version.
+        version = (
+            "d"
+            + Manifest(
+                name=RERANK_MODEL,
+                version="0",
+                framework="transformers",
+                task="rerank",
+                dims=1,
+                files=[
+                    ManifestFile(path=p.relative_to(directory).as_posix(), size=p.stat().st_size, sha256=sha256_of(p))
+                    for p in sorted(directory.rglob("*"))
+                    if p.is_file()
+                ],
+                created=datetime.now(UTC),
+            ).digest[:12]
+        )
+        models.push(self.settings, directory, RERANK_MODEL, version)
+        self.rerank_model = f"{RERANK_MODEL}:{version}"
         sizes = ",".join(str(s) for s in self.sizes)
         result = subprocess.run(
             [
@@ -211,8 +232,8 @@ class Bench:
         for size, row in self.results["raw_rerank"]["by_batch_size"].items():
             print(f"  raw rerank batch {size:>2}   {row['items_per_s']:>8.1f} pairs/s", flush=True)
         url = f"{self.settings.public_url}/v1/rerank"
-        self.loadgen(url, max(self.levels), max(self.sizes), "rerank", RERANK_MODEL)  # loads it, warms
-        self.measure("rerank", url, mode="rerank", model_metrics=False, model=RERANK_MODEL)
+        self.loadgen(url, max(self.levels), max(self.sizes), "rerank", self.rerank_model)  # loads it, warms
+        self.measure("rerank", url, mode="rerank", model_metrics=False, model=self.rerank_model)
 
     def plain(self) -> None:
         with socket.socket() as probe:

@@ -58,9 +58,15 @@ class JobRunner:
         self.settings = settings
         self.store = store
         self.embeddings = embeddings
-        self.rerank = rerank or RerankService(embeddings.catalog, embeddings.cache)
+        self._rerank = rerank
         self.objects = objects
         self.worker = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def reranker(self) -> RerankService:
+        """The rerank service, over the embeddings' catalog and cache unless one was given."""
+        if self._rerank is None:
+            self._rerank = RerankService(self.embeddings.catalog, self.embeddings.cache)
+        return self._rerank
 
     async def run(self, job_id: str) -> Settlement:
         """Claim the job, compute it, store its result, end it: one forward path, each step one write."""
@@ -157,7 +163,7 @@ class JobRunner:
                 if query is None:
                     outcome = await self.embeddings.embed(model, chunk)
                 else:
-                    scored = await self.rerank.rerank(model, query, chunk)
+                    scored = await self.reranker().rerank(model, query, chunk)
                     outcome = EmbeddingOutcome(
                         scored.model, scored.version, scored.scores[:, None], scored.token_counts, scored.cache_hits
                     )
