@@ -328,10 +328,10 @@ class Bench:
 
     def ratios(self) -> dict:
         big, top = max(self.sizes), max(self.levels)
-        raw = self.results["raw"]["by_batch_size"].get(str(big), {}).get("items_per_s", 0.0)
+        raw = self.results["raw"].get("by_batch_size", {}).get(str(big), {}).get("items_per_s", 0.0)
 
         def ratio(a: float, b: float) -> float | None:
-            return round(a / b, 3) if b else None
+            return round(a / b, 3) if a and b else None
 
         return {
             f"full/raw (size {big}, saturation)": ratio(self.best("full", big), raw),
@@ -488,10 +488,11 @@ class Bench:
         if "rerank" in setups:
             print("rerank: a MiniLM-L6 cross-encoder, on demand through NGINX, every pair new", flush=True)
             self.rerank()
+        ratios = self.ratios()
         if set(ALL_SETUPS) <= set(setups):
-            self.results["ratios"] = self.ratios()
-        else:
-            self.results["ratios"] = {}
+            self.results["ratios"] = ratios
+        else:  # a partial run: the ratios its setups measured
+            self.results["ratios"] = {name: value for name, value in ratios.items() if value is not None}
         print("\nratios (measured side by side in this run):")
         for name, value in self.results["ratios"].items():
             print(f"  {name:<36} {self._shown_ratio(name, value)}")
