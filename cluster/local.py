@@ -53,9 +53,13 @@ def code_digest(root: Path = CHECKOUT) -> str:
 
 
 def with_code_digest(config: dict, digest: str) -> dict:
-    """Every deployment carries the code's digest in its environment: Serve redeploys a config only
-    where it changed, so without this an edited checkout would keep running the old code."""
+    """Every application and deployment carries the code's digest in its environment: Serve redeploys a
+    config only where it changed, so without this an edited checkout would keep running the old code.
+    The application's own runtime_env matters too: Serve builds the application (imports build_app and
+    pickles the deployment classes) in a worker of that environment, and a worker kept from an earlier
+    deploy holds the modules it imported then."""
     for app in config.get("applications", []):
+        app.setdefault("runtime_env", {}).setdefault("env_vars", {})["INFER_CODE_DIGEST"] = digest
         for deployment in app.get("deployments", []):
             options = deployment.setdefault("ray_actor_options", {})
             options.setdefault("runtime_env", {}).setdefault("env_vars", {})["INFER_CODE_DIGEST"] = digest

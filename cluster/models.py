@@ -26,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cluster.settings import ClusterSettings
+from serve_app.embeddings.contract import pinned_deployment
 from serve_app.model_repository import (
     TASKS,
     Manifest,
@@ -117,10 +118,14 @@ def served_versions(settings: ClusterSettings) -> set[tuple[str, str]] | None:
     served = set()
     for app in applications.values():
         config = app.get("deployed_app_config") or {}
-        model = (config.get("args") or {}).get("model")
+        args = config.get("args") or {}
+        pins = {
+            pinned_deployment(m, args.get("model")): m for m in [args.get("model"), *(args.get("pinned") or [])] if m
+        }
         for deployment in config.get("deployments") or []:
             user_config = deployment.get("user_config") or {}
-            if not model or deployment.get("name") != "EmbeddingModel":
+            model = pins.get(deployment.get("name"))
+            if model is None:
                 continue
             for key in ("version", "canary_version"):  # a canary is served too
                 if user_config.get(key) is not None:
@@ -193,13 +198,19 @@ def running_config(settings: ClusterSettings) -> dict:
 
 
 def pinned_user_config(config: dict, name: str) -> dict:
-    """The user_config of the deployment that pins `name` (an application whose `model` it is)."""
+    """The user_config of the deployment that pins `name`: an application's `model` (EmbeddingModel) or one
+    of its `pinned` (Pinned-<name>)."""
     for app in config.get("applications", []):
-        if (app.get("args") or {}).get("model") != name:
+        args = app.get("args") or {}
+        if name != args.get("model") and name not in (args.get("pinned") or []):
             continue
+        wanted = pinned_deployment(name, args.get("model"))
         for deployment in app.get("deployments", []):
-            if deployment.get("name") == "EmbeddingModel":
+            if deployment.get("name") == wanted:
                 return deployment.setdefault("user_config", {})
+        deployment = {"name": wanted, "user_config": {}}
+        app.setdefault("deployments", []).append(deployment)
+        return deployment["user_config"]
     raise ModelsError(
         f"{name!r} is not pinned by the Serve config: an on-demand model serves its newest version, "
         f"or the one a request names ({name}:VERSION)"
@@ -235,10 +246,19 @@ def set_canary(config: dict, name: str, version: str | None, percent: float) -> 
     user_config["canary_percent"] = percent
 
 
-def _servable(settings: ClusterSettings, name: str, version: str) -> Manifest:
-    manifest = ModelRepository.from_settings(settings).manifest(name, version)
-    if manifest.task != "embed":
-        raise ModelsError(f"{name}:{version} is a {manifest.task} model; a pinned deployment serves embed models")
+def _servable(settings: ClusterSettings, config: dict, name: str, version: str) -> Manifest:
+    """The manifest of name:version, which must do what the version served now does (its clients call
+    one route: a rerank model cannot replace an embedding model)."""
+    repository = ModelRepository.from_settings(settings)
+    manifest = repository.manifest(name, version)
+    current = pinned_user_config(config, name).get("version")
+    if current is not None:
+        try:
+            served = repository.manifest(name, str(current))
+        except VersionNotFoundError:
+            return manifest
+        if served.task != manifest.task:
+            raise ModelsError(f"{name}:{version} is a {manifest.task} model; {name}:{current} is a {served.task} model")
     return manifest
 
 
@@ -260,18 +280,19 @@ def _apply(settings: ClusterSettings, config: dict, name: str, timeout_s: float 
         except (OSError, ValueError):
             continue
         for app in apps.values():
-            deployment = (app.get("deployments") or {}).get("EmbeddingModel") or {}
-            applied = ((deployment.get("deployment_config") or {}).get("user_config")) or {}
-            if (app.get("deployed_app_config") or {}).get("args", {}).get("model") != name:
+            args = (app.get("deployed_app_config") or {}).get("args") or {}
+            if name != args.get("model") and name not in (args.get("pinned") or []):
                 continue
+            deployment = (app.get("deployments") or {}).get(pinned_deployment(name, args.get("model"))) or {}
+            applied = ((deployment.get("deployment_config") or {}).get("user_config")) or {}
             if applied == wanted and app.get("status") == "RUNNING" and deployment.get("status") == "HEALTHY":
                 return
     raise ModelsError(f"the cluster did not apply the change to {name} within {timeout_s:g}s (see `make status`)")
 
 
 def promote(settings: ClusterSettings, name: str, version: str) -> str | None:
-    _servable(settings, name, version)
     config = running_config(settings)
+    _servable(settings, config, name, version)
     previous = set_served(config, name, version)
     if previous != version:
         _apply(settings, config, name)
@@ -287,9 +308,9 @@ def rollback(settings: ClusterSettings, name: str) -> tuple[str | None, str]:
 
 
 def canary(settings: ClusterSettings, name: str, version: str | None, percent: float) -> None:
-    if version is not None and percent > 0:
-        _servable(settings, name, version)
     config = running_config(settings)
+    if version is not None and percent > 0:
+        _servable(settings, config, name, version)
     set_canary(config, name, version, percent)
     _apply(settings, config, name)
 

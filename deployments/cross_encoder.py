@@ -26,6 +26,21 @@ class Scored:
     token_counts: list[int]
 
 
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")  # position ids start after the padding index
+
+
+def usable_positions(config, tokenizer) -> int:
+    """The longest input the model takes: its tokenizer's limit when it states one, and never more
+    position embeddings than it has (RoBERTa-family models lose pad_token_id + 1 of them)."""
+    positions = int(getattr(config, "max_position_embeddings", 512))
+    if getattr(config, "model_type", "") in OFFSET_POSITIONS:
+        positions -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    stated = getattr(tokenizer, "model_max_length", None)
+    if isinstance(stated, int) and 0 < stated < 100_000:  # transformers says "no limit" with a huge number
+        positions = min(positions, stated)
+    return positions
+
+
 class CrossEncoder:
     """Relevance scores of (query, document) pairs on one torch device."""
 
@@ -36,7 +51,7 @@ class CrossEncoder:
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(self.device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"{model_dir}: a reranker has one label, this model has {self.model.config.num_labels}")
-        self.max_tokens = min(max_tokens, int(getattr(self.model.config, "max_position_embeddings", max_tokens)))
+        self.max_tokens = min(max_tokens, usable_positions(self.model.config, self.tokenizer))
 
     def score(self, pairs: list[tuple[str, str]]) -> Scored:
         """Scores in the order given; sorted by length so each forward pass pads as little as possible."""

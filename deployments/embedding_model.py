@@ -1,4 +1,9 @@
-"""The embedding model deployment: weights from the object store, dynamic batching, live reconfigure."""
+"""The pinned model deployment: weights from the object store, dynamic batching, live reconfigure.
+
+It serves whatever task its model's manifest names: embeddings (a sentence encoder) or rerank
+scores (a cross-encoder). The Serve config pins one model as `EmbeddingModel` (`args.model`) and
+may pin more (`args.pinned`), each as a deployment of this class named `Pinned-<model>`.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,12 @@ from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve import metrics
 
-from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo
+from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
 
 if TYPE_CHECKING:
+    from deployments.cross_encoder import CrossEncoder
     from deployments.encoder import SentenceEncoder
 
 logger = logging.getLogger("ray.serve")
@@ -49,8 +55,16 @@ class ModelConfig(BaseModel):
 class LoadedModel:
     manifest: Manifest
     source: str
-    encoder: SentenceEncoder
+    encoder: SentenceEncoder | CrossEncoder
     loaded_at: float
+
+    @property
+    def dims(self) -> int:
+        return self.manifest.dims if self.manifest.task == "rerank" else self.encoder.dims
+
+    @property
+    def max_tokens(self) -> int:
+        return self.encoder.max_tokens if self.manifest.task == "rerank" else self.encoder.spec.max_seq_length
 
 
 def _texts_in(requests: list[list[str]]) -> int:
@@ -99,8 +113,9 @@ class EmbeddingModel:
         if needs_load:
             loaded = await asyncio.to_thread(self._load, config)
         _set_torch_threads(config.torch_threads)
-        self._embed_batch.set_max_batch_size(config.max_batch_texts)
-        self._embed_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        for batched in (self._embed_batch, self._rerank_batch):
+            batched.set_max_batch_size(config.max_batch_texts)
+            batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.config = config
         if needs_load:
             self.loaded = loaded
@@ -109,13 +124,22 @@ class EmbeddingModel:
     def _load(self, config: ModelConfig) -> LoadedModel:
         import torch
 
+        from deployments.cross_encoder import CrossEncoder
         from deployments.encoder import SentenceEncoder
 
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         local_dir, manifest = self.repository.fetch(self.model_name, config.version, self.settings.weights_cache_dir)
-        encoder = SentenceEncoder(local_dir, device=device, forward_batch_size=config.forward_batch_size)
+        if manifest.task == "rerank":
+            encoder = CrossEncoder(
+                local_dir,
+                device=device,
+                forward_batch_size=config.forward_batch_size,
+                max_tokens=manifest.max_tokens or 512,
+            )
+        else:
+            encoder = SentenceEncoder(local_dir, device=device, forward_batch_size=config.forward_batch_size)
         return LoadedModel(
             manifest=manifest,
             source=self.repository.uri(self.model_name, config.version),
@@ -133,7 +157,7 @@ class EmbeddingModel:
         return ModelInfo(
             name=self.model_name,
             version=loaded.manifest.version,
-            dims=loaded.encoder.dims,
+            dims=loaded.dims,
             source=loaded.source,
             manifest_digest=loaded.manifest.digest,
             framework=loaded.manifest.framework,
@@ -141,7 +165,7 @@ class EmbeddingModel:
             created=loaded.manifest.created.timestamp(),
             loaded_at=loaded.loaded_at,
             device=str(loaded.encoder.device),
-            max_seq_length=loaded.encoder.spec.max_seq_length,
+            max_seq_length=loaded.max_tokens,
             canary_version=self.config.canary_version if self.config.canary_percent > 0 else None,
             canary_percent=self.config.canary_percent if self.config.canary_version else 0.0,
         )
@@ -172,9 +196,44 @@ class EmbeddingModel:
                 raise
             return await self.embed(texts)
 
+    async def rerank(self, query: str, documents: list[str]) -> RerankBatch:
+        """Scores of documents against the query, in order (a rerank model); long lists are split."""
+        parts = await asyncio.gather(
+            *(self._rerank_batch([(query, d) for d in part]) for part in self._split(documents))
+        )
+        if len({p.version for p in parts}) > 1:  # a version swap landed between parts
+            return await self.rerank(query, documents)
+        return RerankBatch(
+            model=self.model_name,
+            version=parts[0].version,
+            scores=np.concatenate([p.scores for p in parts]),
+            token_counts=[n for p in parts for n in p.token_counts],
+        )
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_texts_in)
+    async def _rerank_batch(self, requests: list[list[tuple[str, str]]]) -> list[RerankBatch]:
+        loaded = self._require_loaded("rerank")
+        flat = [pair for pairs in requests for pair in pairs]
+        scored = await asyncio.to_thread(loaded.encoder.score, flat)
+        self.texts_counter.inc(len(flat))
+        self.batch_texts.observe(len(flat))
+        results, start = [], 0
+        for pairs in requests:
+            end = start + len(pairs)
+            results.append(
+                RerankBatch(
+                    model=self.model_name,
+                    version=loaded.manifest.version,
+                    scores=scored.scores[start:end],
+                    token_counts=scored.token_counts[start:end],
+                )
+            )
+            start = end
+        return results
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_texts_in)
     async def _embed_batch(self, requests: list[list[str]]) -> list[EmbeddingBatch]:
-        loaded = self._require_loaded()
+        loaded = self._require_loaded("embed")
         flat = [text for texts in requests for text in texts]
         encoded = await asyncio.to_thread(loaded.encoder.encode, flat)
         self.texts_counter.inc(len(flat))
@@ -193,9 +252,11 @@ class EmbeddingModel:
             start = end
         return results
 
-    def _require_loaded(self) -> LoadedModel:
+    def _require_loaded(self, task: str | None = None) -> LoadedModel:
         if self.loaded is None:
             raise RuntimeError(f"model {self.model_name} is not loaded yet")
+        if task is not None and self.loaded.manifest.task != task:
+            raise ValueError(f"model {self.model_name} is a {self.loaded.manifest.task} model, not a {task} model")
         return self.loaded
 
 

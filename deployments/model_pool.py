@@ -7,8 +7,8 @@ through the same sha256-checked node cache as the pinned replicas, keeping the
 `max_models_per_replica` most recently used. Embedding and reranking requests are batched with
 `@serve.batch`, which Ray splits by model id, so one forward pass never mixes models.
 
-Each replica writes the ids it holds to Redis (`pool:loaded:<replica>`, refreshed while it lives),
-so GET /v1/models can say which models are loaded.
+Each replica writes the ids it holds to Redis (its field of the hash `pool:loaded`, refreshed while
+it lives), so GET /v1/models can say which models are loaded.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ import numpy as np
 from ray import serve
 from ray.serve import metrics
 
-from serve_app.embeddings.contract import LOADED_KEY_PREFIX, EmbeddingBatch, ModelInfo, RerankBatch
+from serve_app.embeddings.contract import LOADED_KEY, EmbeddingBatch, ModelInfo, RerankBatch
 from serve_app.infra.redis import GuardedRedis
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
 
 logger = logging.getLogger("ray.serve")
 
-LOADED_TTL_S = 30
 LOADED_REFRESH_S = 10
 MAX_BATCH = 64  # texts (or pairs) per batch, summed over the requests in it
 
@@ -95,7 +94,7 @@ class ModelPool:
         self.redis = GuardedRedis.from_settings(self.settings)
         self._held: weakref.WeakValueDictionary[str, PoolModel] = weakref.WeakValueDictionary()
         self._publisher: asyncio.Task | None = None
-        self._key = LOADED_KEY_PREFIX + serve.get_replica_context().replica_id.unique_id
+        self._field = serve.get_replica_context().replica_id.unique_id
         self.texts_counter = metrics.Counter(
             "pool_items_computed", description="Texts embedded or pairs scored by the pool.", tag_keys=("model", "task")
         )
@@ -118,8 +117,8 @@ class ModelPool:
 
     async def _publish(self) -> None:
         """Write the ids this replica holds (the multiplexer drops evicted models; the weak dict follows)."""
-        value = json.dumps(sorted(self._held.keys()))
-        await self.redis.run(lambda r: r.set(self._key, value, ex=LOADED_TTL_S), None)
+        value = json.dumps({"ids": sorted(self._held.keys()), "at": time.time()})
+        await self.redis.run(lambda r: r.hset(LOADED_KEY, self._field, value), None)
         if self._publisher is None:
             self._publisher = asyncio.create_task(self._keep_publishing())
 
@@ -210,5 +209,5 @@ class ModelPool:
     async def __del__(self) -> None:
         if self._publisher is not None:
             self._publisher.cancel()
-        await self.redis.run(lambda r: r.delete(self._key), None)
+        await self.redis.run(lambda r: r.hdel(LOADED_KEY, self._field), None)
         await self.redis.close()

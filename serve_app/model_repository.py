@@ -28,6 +28,7 @@ from serve_app.infra.s3 import object_store_client
 from serve_app.settings import Settings
 
 MANIFEST = "manifest.json"
+TOMBSTONE = "deleted.json"  # what a deleted version leaves: its digest, so the version is never reused
 VERIFIED_MARKER = ".verified"
 CHUNK = 1 << 20
 
@@ -163,6 +164,12 @@ class ModelRepository:
             existing = self.manifest(name, version)
         except VersionNotFoundError:
             existing = None
+        deleted = self._tombstone(name, version)
+        if deleted is not None and deleted != candidate.digest:
+            raise VersionConflictError(
+                f"{self.uri(name, version)} was deleted, and held other files (digest {deleted[:12]}); versions "
+                "are immutable even after a delete (caches still hold its results): push these as a new version"
+            )
         if existing is not None:
             if existing.digest != candidate.digest:
                 raise VersionConflictError(
@@ -179,7 +186,23 @@ class ModelRepository:
         self.client.put_object(
             self.bucket, prefix + MANIFEST, io.BytesIO(body), len(body), content_type="application/json"
         )
+        if deleted is not None:  # the same files again: the version is back, as it was
+            self.client.remove_object(self.bucket, prefix + TOMBSTONE)
         return candidate
+
+    def _tombstone(self, name: str, version: str) -> str | None:
+        """The digest a deleted version had, or None if it was never deleted."""
+        try:
+            response = self.client.get_object(self.bucket, f"{name}/{version}/{TOMBSTONE}")
+        except S3Error as exc:
+            if exc.code in {"NoSuchKey", "NoSuchBucket"}:
+                return None
+            raise
+        try:
+            return json.loads(response.read())["digest"]
+        finally:
+            response.close()
+            response.release_conn()
 
     def manifest(self, name: str, version: str) -> Manifest:
         try:
@@ -219,7 +242,10 @@ class ModelRepository:
         return sorted(found, key=lambda m: m.created)
 
     def delete(self, name: str, version: str) -> Manifest:
-        """Remove a version: its manifest first (the version is gone for everyone at once), then its files."""
+        """Remove a version: its manifest first (the version is gone for everyone at once), then its files.
+
+        A tombstone with its digest stays, so the name and version never come back with other files:
+        results cached under them (Redis, replicas holding the weights) would answer for the new ones."""
         check_name("model name", name)
         check_name("version", version)
         manifest = self.manifest(name, version)
@@ -229,6 +255,8 @@ class ModelRepository:
         failures = list(self.client.remove_objects(self.bucket, leftovers))
         if failures:
             raise OSError(f"{len(failures)} files of {self.uri(name, version)} were not removed: {failures[0]}")
+        body = json.dumps({"digest": manifest.digest, "deleted_at": datetime.now(UTC).isoformat()}).encode()
+        self.client.put_object(self.bucket, prefix + TOMBSTONE, io.BytesIO(body), len(body), "application/json")
         return manifest
 
     def fetch(self, name: str, version: str, cache_root: Path) -> tuple[Path, Manifest]:
@@ -331,7 +359,8 @@ def describe_model(local_dir: Path, task: str | None = None) -> dict[str, object
     except (ValueError, KeyError, TypeError) as exc:
         raise NotAModelError(f"{local_dir}/config.json has no readable hidden_size: {exc}") from exc
     classifier = any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
-    task = task or ("rerank" if classifier else "embed")
+    labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 1)
+    task = task or ("rerank" if classifier and labels == 1 else "embed")
     if task not in TASKS:
         raise NotAModelError(f"task {task!r} is not one of {', '.join(TASKS)}")
     max_tokens = config.get("max_position_embeddings")
@@ -340,7 +369,6 @@ def describe_model(local_dir: Path, task: str | None = None) -> dict[str, object
             raise NotAModelError(
                 f"{local_dir} is not a cross-encoder: config.json's architectures name no ...ForSequenceClassification"
             )
-        labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 1)
         if labels != 1:
             raise NotAModelError(
                 f"{local_dir} classifies into {labels} labels; a reranker gives one relevance score (num_labels=1)"

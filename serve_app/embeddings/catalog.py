@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 TASK_ROUTES = {"embed": "/v1/embeddings", "rerank": "/v1/rerank"}
 MAX_POOL_CLIENTS = 256
+NAMES_RECHECK_S = 1.0
 
 
 def parse_model(spec: str) -> tuple[str, str | None]:
@@ -84,6 +85,8 @@ class ModelCatalog:
         self.listing_ttl_s = listing_ttl_s
         self._versions: dict[str, tuple[float, list[Manifest]]] = {}
         self._pool_clients: OrderedDict[str, ModelClient] = OrderedDict()
+        self._names: tuple[float, set[str]] | None = None
+        self._names_lock = asyncio.Lock()
         self._random = random.Random()
 
     async def resolve(self, spec: str, task: str) -> Resolved:
@@ -140,6 +143,8 @@ class ModelCatalog:
             return cached[1]
         if self.repository is None:
             return []
+        if not fresh and not await self._known(name):
+            return []  # no such model: found without listing its versions
         try:
             found = await asyncio.to_thread(self.repository.versions, name)
         except Exception as exc:  # the object store down or refusing: the model cannot be loaded either
@@ -148,6 +153,21 @@ class ModelCatalog:
         if len(self._versions) > 4 * MAX_POOL_CLIENTS:  # names asked for that do not exist, say
             self._versions.pop(next(iter(self._versions)))
         return found
+
+    async def _known(self, name: str) -> bool:
+        """Whether the repository has `name`, from one listing of its names shared by every request. A
+        name it did not have is looked for again at most once a second (a model pushed a moment ago is
+        found at once; a stream of made-up names costs one listing a second, not one each)."""
+        async with self._names_lock:
+            now = time.monotonic()
+            stale = self._names is None or now - self._names[0] > self.listing_ttl_s
+            if stale or (name not in self._names[1] and now - self._names[0] > NAMES_RECHECK_S):
+                try:
+                    names = await asyncio.to_thread(self.repository.names)
+                except Exception as exc:
+                    raise ServiceUnavailableError(f"the model repository did not answer: {type(exc).__name__}") from exc
+                self._names = (time.monotonic(), set(names))
+            return name in self._names[1]
 
     def forget(self, name: str) -> None:
         """Drop what this gateway knows of name's versions (after it changed them itself)."""
@@ -237,15 +257,22 @@ def version_state(name: str, version: str, served: dict[str, str], loaded: set[s
 
 
 async def pool_loaded(redis: GuardedRedis) -> set[str]:
-    """The model ids ("name:version") that on-demand pool replicas hold now (empty when Redis is down)."""
-    from serve_app.embeddings.contract import LOADED_KEY_PREFIX
+    """The model ids ("name:version") that on-demand pool replicas hold now (empty when Redis is down);
+    one HGETALL of a hash with a field per replica, whatever else Redis holds."""
+    from serve_app.embeddings.contract import LOADED_KEY, LOADED_TTL_S
 
     async def read(r) -> set[str]:
-        keys = [key async for key in r.scan_iter(match=LOADED_KEY_PREFIX + "*", count=100)]
         held: set[str] = set()
-        for value in await r.mget(keys) if keys else []:
-            if value:
-                held.update(json.loads(value))
+        oldest = time.time() - LOADED_TTL_S
+        gone = []
+        for field, value in (await r.hgetall(LOADED_KEY)).items():
+            entry = json.loads(value)
+            if entry.get("at", 0) < oldest:
+                gone.append(field)  # a replica that died without saying so
+            else:
+                held.update(entry.get("ids", []))
+        if gone:
+            await r.hdel(LOADED_KEY, *gone)
         return held
 
     return await redis.run(read, set())

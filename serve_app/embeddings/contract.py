@@ -46,9 +46,19 @@ class RerankBatch:
     token_counts: list[int]  # tokens of each (query, document) pair
 
 
+PRIMARY_DEPLOYMENT = "EmbeddingModel"  # the deployment of the Serve config's `args.model`
+
+
+def pinned_deployment(model: str, primary: str | None = None) -> str:
+    """The name of the deployment that pins `model`: EmbeddingModel for the primary one, else Pinned-<model>."""
+    return PRIMARY_DEPLOYMENT if model == primary else f"Pinned-{model}"
+
+
 def model_id(name: str, version: str) -> str:
     """The multiplexed model id of a version served on demand."""
     return f"{name}:{version}"
 
 
-LOADED_KEY_PREFIX = "pool:loaded:"  # + a pool replica's id: the JSON list of model ids it holds
+# A Redis hash: each on-demand pool replica's id -> {"ids": the model ids it holds, "at": when it said so}.
+LOADED_KEY = "pool:loaded"
+LOADED_TTL_S = 30  # an entry older than this is a replica that stopped saying (it died)

@@ -20,7 +20,7 @@ import numpy as np
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.embeddings.cache import ResultCache, cache_key, pack, packed_size, unpack
-from serve_app.embeddings.catalog import ModelCatalog
+from serve_app.embeddings.catalog import ModelCatalog, parse_model
 from serve_app.embeddings.contract import EmbeddingBatch
 from serve_app.embeddings.model_client import ModelClient
 from serve_app.errors import InvalidRequestError, ServiceUnavailableError
@@ -152,7 +152,18 @@ class EmbeddingService:
         if misses:
             max_tokens = info.max_seq_length or DEFAULT_MAX_TOKENS
             computed, versions = await self._compute(client, misses, max_tokens, meter, charge=True)
-            if versions != {version}:
+            if versions != {version} and parse_model(model_name)[1] is not None:
+                # A version was asked for, and the deployment that served it moved on (a promote under
+                # way): it is served on demand now. Ask again, from the start; never answer with another.
+                client.forget_info()
+                client = await self.model(model_name)
+                if (await client.info(refresh=True)).version != version:
+                    raise ServiceUnavailableError(f"model {model_name!r} is switching versions; try again")
+                computed, versions = await self._compute(client, unique, max_tokens, meter, charge=False)
+                if versions != {version}:
+                    raise ServiceUnavailableError(f"model {model_name!r} is switching versions; try again")
+                found, results = {}, {}
+            elif versions != {version}:
                 # The model switched version since we last asked: what the cache gave us belongs
                 # to the old one, so the whole request is answered by the new one.
                 client.forget_info()

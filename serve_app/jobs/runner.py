@@ -147,6 +147,9 @@ class JobRunner:
         """Chunks to the model with a sliding window of `job_parallel_chunks` in flight, so the
         model never waits on this job; progress (and the cancel check) at most every half second.
         With a query (a rerank job) each text is a document and its "vector" is its one score."""
+        # One version answers the whole job: drawn once (a canary's share too), named in every chunk.
+        client = await self.embeddings.model(model, "embed" if query is None else "rerank")
+        model = f"{client.name}:{(await client.info()).version}"
         size = self.settings.job_chunk_size
         chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
         window = asyncio.Semaphore(self.settings.job_parallel_chunks)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from serve_app.embeddings.cache import ResultCache
-from serve_app.embeddings.catalog import ModelCatalog
+from serve_app.embeddings.catalog import ModelCatalog, parse_model
 from serve_app.embeddings.service import DEFAULT_MAX_TOKENS, estimate_tokens
 from serve_app.errors import ServiceUnavailableError
 
@@ -67,8 +67,19 @@ class RerankService:
         misses = [d for d in unique if d not in found]
         results: dict[str, tuple[float, int]] = dict(found)
         if misses:
-            batch = await self._compute(client, query, misses, info.max_seq_length or DEFAULT_MAX_TOKENS, meter)
-            if batch.version != version:  # the model switched version: answer wholly from the new one
+            max_tokens = info.max_seq_length or DEFAULT_MAX_TOKENS
+            batch = await self._compute(client, query, misses, max_tokens, meter)
+            if batch.version != version and parse_model(spec)[1] is not None:
+                # The version asked for moved from its deployment to the pool (see EmbeddingService.embed).
+                client.forget_info()
+                client = (await self.catalog.resolve(spec, "rerank")).client
+                if (await client.info(refresh=True)).version != version:
+                    raise ServiceUnavailableError(f"model {spec!r} is switching versions; try again")
+                batch = await self._compute(client, query, unique, max_tokens, None)
+                if batch.version != version:
+                    raise ServiceUnavailableError(f"model {spec!r} is switching versions; try again")
+                misses, found, results = unique, {}, {}
+            elif batch.version != version:  # the model switched version: answer wholly from the new one
                 client.forget_info()
                 version, results = batch.version, {}
                 if found:

@@ -65,6 +65,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
         head, binary = body, b""
     try:
         request = InferRequest.model_validate(json.loads(head))
+    except RecursionError:
+        raise ProtocolError("the inference request nests arrays or objects too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, ValidationError):
             first = exc.errors()[0]
@@ -74,6 +76,8 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest,
     texts: dict[str, list[str]] = {}
     offset = 0
     for tensor in request.inputs:
+        if tensor.name in texts:
+            raise ProtocolError(f"input {tensor.name!r} is given twice")
         if tensor.datatype != "BYTES":
             raise ProtocolError(f"input {tensor.name!r} has datatype {tensor.datatype}; this model takes BYTES (texts)")
         if any(d < 0 for d in tensor.shape):
@@ -146,7 +150,8 @@ def encode_response(
             continue
         array = np.ascontiguousarray(array, dtype="<f4")
         tensor: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
-        binary = all_binary or bool(wanted and wanted[name].parameters.get("binary_data"))
+        asked = wanted[name].parameters.get("binary_data") if wanted else None
+        binary = all_binary if asked is None else bool(asked)  # an output's own choice wins
         if binary:
             blob = array.tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}

@@ -75,6 +75,8 @@ async def _cards(services, only: str | None = None) -> list[ModelCard]:
     try:
         listing = await catalog.listing() if only is None else {only: await catalog.versions(only)}
     except ServiceUnavailableError as exc:  # the pinned models still answer: list them
+        if only is not None and only not in pinned:
+            raise  # one unpinned model: that the repository is down is the answer, not a 404
         logger.warning("GET /v1/models without the repository: %s", exc.message)
         listing = {}
     loaded = await pool_loaded(services.clients.redis) if listing else set()

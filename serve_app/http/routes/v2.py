@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from serve_app.errors import InvalidRequestError
+from serve_app.errors import InvalidRequestError, RateLimitError
 from serve_app.http.deps import ServicesDep, WorkMeterDep, require_infer
 from serve_app.http.routes.embeddings import CACHE_HITS_HEADER, MODEL_VERSION_HEADER
 from serve_app.http.schemas import (
@@ -121,23 +121,32 @@ async def infer(
     limit = services.settings.max_items_per_request
     history = {"model": name, "items": 0}
     request.state.history = history
+    limit_headers: dict[str, str] = dict(getattr(request.state, "ratelimit_headers", {}))
     described = await services.embeddings.catalog.describe(spec)
-    if described.task == "rerank":
-        query, documents = _rerank_inputs(inputs, limit, services.settings.max_text_chars)
-        history["items"] = len(documents)
-        outcome = await services.rerank.rerank(spec, query, documents, meter=meter)
-        outputs = {"scores": outcome.scores}
-    else:
-        texts = _embed_inputs(inputs, limit, services.settings.max_text_chars)
-        history["items"] = len(texts)
-        outcome = await services.embeddings.embed(spec, texts, meter=meter)
-        outputs = {"embedding": np.asarray(outcome.vectors)}
+    try:
+        if described.task == "rerank":
+            query, documents = _rerank_inputs(inputs, limit, services.settings.max_text_chars)
+            history["items"] = len(documents)
+            outcome = await services.rerank.rerank(spec, query, documents, meter=meter)
+            outputs = {"scores": outcome.scores}
+        else:
+            texts = _embed_inputs(inputs, limit, services.settings.max_text_chars)
+            history["items"] = len(texts)
+            outcome = await services.embeddings.embed(spec, texts, meter=meter)
+            outputs = {"embedding": np.asarray(outcome.vectors)}
+    except RateLimitError as exc:
+        exc.headers = {**limit_headers, **(exc.headers or {})}
+        raise
+    finally:
+        if meter.charged:
+            history["work_tokens"] = meter.charged
     history.update(model=outcome.model, version=outcome.version, cache_hits=outcome.cache_hits)
+    limit_headers.update(meter.headers)
     try:
         body, headers = encode_response(parsed, outcome.model, outcome.version, outputs)
     except ProtocolError as exc:
         raise InvalidRequestError(str(exc)) from None
-    headers |= {MODEL_VERSION_HEADER: outcome.version, CACHE_HITS_HEADER: str(outcome.cache_hits)}
+    headers |= {MODEL_VERSION_HEADER: outcome.version, CACHE_HITS_HEADER: str(outcome.cache_hits), **limit_headers}
     media = "application/octet-stream" if HEADER_LENGTH in headers else "application/json"
     return Response(content=body, media_type=media, headers=headers)
 

@@ -87,9 +87,20 @@ def test_push_list_show_and_delete_a_model(settings, tiny_model, name):
     assert deleted.returncode == 0, deleted.stderr
     assert [row["version"] for row in listed(name)] == ["2"]
     repository = ModelRepository.from_settings(settings)
-    assert not list(repository.client.list_objects(settings.model_bucket, f"{name}/1/", recursive=True))
+    left = [o.object_name for o in repository.client.list_objects(settings.model_bucket, f"{name}/1/", recursive=True)]
+    assert left == [f"{name}/1/deleted.json"]  # every file gone; the tombstone keeps the version from reuse
     with pytest.raises(VersionNotFoundError):
         repository.manifest(name, "1")
+    (tiny_model / "extra.txt").write_text("other files")
+    try:
+        reused = models("push", str(tiny_model), "--name", name, "--version", "1", "--no-progress")
+    finally:
+        (tiny_model / "extra.txt").unlink()
+    assert reused.returncode == 1
+    assert "immutable even after a delete" in reused.stderr
+    again = models("push", str(tiny_model), "--name", name, "--version", "1", "--no-progress")
+    assert again.returncode == 0, again.stderr  # the same files bring the same version back
+    assert sorted(row["version"] for row in listed(name)) == ["1", "2"]
 
 
 def test_the_served_version_is_not_deleted_without_force(settings):

@@ -4,6 +4,7 @@ import asyncio
 import threading
 import time
 import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import pika
@@ -126,11 +127,19 @@ def test_consumer_settles_each_disposition_and_dead_letters_malformed_messages(q
     assert dead == {job_message("dead-me"), b"this is not a job", None}
 
 
+class FakeClient:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def info(self):
+        return SimpleNamespace(version="1")
+
+
 class FailingEmbeddings:
     """An embedding service whose model always fails, for the retry path."""
 
-    def model(self, name):
-        return name
+    async def model(self, name, task="embed"):
+        return FakeClient(name)
 
     async def embed(self, model, texts, dimensions=None):
         raise RuntimeError("model replica crashed")

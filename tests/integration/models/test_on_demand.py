@@ -251,3 +251,37 @@ def test_a_rerank_job_scores_every_document_like_transformers(api, models):
     wrong = api.post("/v1/jobs", json={"model": names["embed"], "query": QUERY, "input": ["a"]})
     assert wrong.status_code == 400
     assert "is an embed model, not a rerank model" in wrong.json()["error"]["message"]
+
+
+def test_a_reranker_pinned_by_the_serve_config_gets_its_own_deployment(api, settings, models):
+    from cluster import local
+    from cluster.services import load_serve_config
+    from serve_app.embeddings.contract import pinned_deployment
+
+    names, dirs = models
+    config = load_serve_config(settings)
+    [app] = config["applications"]
+    app["args"]["pinned"] = [names["rerank"]]
+    deployment = pinned_deployment(names["rerank"])
+    app["deployments"].append(
+        {"name": deployment, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}, "user_config": {"version": "1"}}
+    )
+    local.deploy(settings, config)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            cards = {c["id"]: c for c in api.get("/v1/models").json()["data"]}
+            if cards.get(names["rerank"], {}).get("state") == "pinned":
+                break
+            assert time.monotonic() < deadline, "the pinned reranker never became ready"
+            time.sleep(1)
+        documents = [f"pinned {i} {uuid.uuid4().hex[:6]}" for i in range(5)]
+        response = api.post("/v1/rerank", json={"model": names["rerank"], "query": QUERY, "documents": documents})
+        assert response.status_code == 200, response.text
+        scores = {r["index"]: r["relevance_score"] for r in response.json()["results"]}
+        np.testing.assert_allclose(
+            [scores[i] for i in range(len(documents))], reference_scores(dirs["rerank:1"], QUERY, documents), atol=1e-4
+        )
+        assert cards[names["rerank"]]["device"] == "cpu"  # a replica of its own answered its info
+    finally:
+        local.deploy(settings)

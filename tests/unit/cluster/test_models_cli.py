@@ -90,3 +90,14 @@ def test_only_a_pinned_model_is_promoted_and_a_canary_is_another_version():
         set_canary(serve_config(), "m", "1", 10)
     with pytest.raises(ModelsError, match="must be in"):
         set_canary(serve_config(), "m", "2", 150)
+
+
+def test_more_pinned_models_are_found_by_their_deployment():
+    from cluster.models import pinned_user_config, set_served
+
+    config = serve_config()
+    config["applications"][0]["args"]["pinned"] = ["ranker"]
+    assert set_served(config, "ranker", "2") is None  # no entry yet: one is made for Pinned-ranker
+    [made] = [d for d in config["applications"][0]["deployments"] if d["name"] == "Pinned-ranker"]
+    assert made["user_config"] == {"version": "2"}
+    assert pinned_user_config(config, "m") == {"version": "1"}

@@ -125,5 +125,6 @@ def test_a_deploy_carries_the_code_digest_so_changed_code_is_rolled_out(tmp_path
     assert code_digest(tmp_path) != before
     config = {"applications": [{"deployments": [{"name": "A"}, {"name": "B", "ray_actor_options": {"num_cpus": 1}}]}]}
     stamped = with_code_digest(config, "abc")
+    assert stamped["applications"][0]["runtime_env"]["env_vars"]["INFER_CODE_DIGEST"] == "abc"  # the build
     for deployment in stamped["applications"][0]["deployments"]:
         assert deployment["ray_actor_options"]["runtime_env"]["env_vars"]["INFER_CODE_DIGEST"] == "abc"

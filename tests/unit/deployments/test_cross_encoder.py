@@ -57,5 +57,17 @@ def test_a_classifier_with_several_labels_is_not_a_reranker(tmp_path, reranker_d
     config = (tmp_path / "config.json").read_text().replace('"LABEL_0": 0', '"LABEL_0": 0, "LABEL_1": 1')
     config = config.replace('"0": "LABEL_0"', '"0": "LABEL_0", "1": "LABEL_1"')
     (tmp_path / "config.json").write_text(config)
+    assert describe_model(tmp_path)["task"] == "embed"  # its encoder embeds, as any transformers model
     with pytest.raises(NotAModelError, match="2 labels"):
-        describe_model(tmp_path)
+        describe_model(tmp_path, "rerank")
+
+
+def test_a_roberta_reranker_reads_no_more_tokens_than_it_has_positions():
+    from types import SimpleNamespace
+
+    from deployments.cross_encoder import usable_positions
+
+    roberta = SimpleNamespace(model_type="xlm-roberta", max_position_embeddings=514, pad_token_id=1)
+    assert usable_positions(roberta, SimpleNamespace(model_max_length=10**30)) == 512
+    bert = SimpleNamespace(model_type="bert", max_position_embeddings=512, pad_token_id=0)
+    assert usable_positions(bert, SimpleNamespace(model_max_length=256)) == 256

@@ -29,6 +29,7 @@ class FakeRepository:
     def __init__(self, manifests: list[Manifest]) -> None:
         self.manifests = manifests
         self.calls = 0
+        self.name_listings = 0
         self.down = False
 
     def versions(self, name: str) -> list[Manifest]:
@@ -38,6 +39,7 @@ class FakeRepository:
         return sorted((m for m in self.manifests if m.name == name), key=lambda m: m.created)
 
     def names(self) -> list[str]:
+        self.name_listings += 1
         return sorted({m.name for m in self.manifests})
 
 
@@ -191,3 +193,41 @@ def test_a_canary_the_repository_lacks_leaves_the_pinned_version_answering(catal
         assert all([(await catalog.resolve("fake-model", "embed")).pinned for _ in range(10)])
 
     asyncio.run(run())
+
+
+def test_made_up_names_cost_one_listing_not_one_each(catalog, repository):
+    async def run():
+        for i in range(50):
+            with pytest.raises(ModelNotFoundError):
+                await catalog.resolve(f"made-up-{i}", "embed")
+
+    asyncio.run(run())
+    assert repository.name_listings == 1
+    assert repository.calls == 0  # no versions listed for names the repository lacks
+
+
+def test_an_asked_for_version_is_never_answered_by_another():
+    from serve_app.embeddings.service import EmbeddingService
+    from tests.unit.fakes import DictCache
+
+    class Pool:
+        def options(self, *, multiplexed_model_id: str) -> FakeModelHandle:
+            name, _, version = multiplexed_model_id.partition(":")
+            return FakeModelHandle(name=name, version=version)
+
+    handle = FakeModelHandle(version="1")
+    pinned = {"fake-model": ModelClient("fake-model", handle, refresh_s=60, timeout_s=5)}
+    repository = FakeRepository([manifest("fake-model", "1", age_s=10), manifest("fake-model", "2")])
+    catalog = ModelCatalog(pinned, Pool(), repository, refresh_s=60, timeout_s=5)
+    service = EmbeddingService(pinned, DictCache(), catalog=catalog)
+
+    async def run():
+        assert (await service.embed("fake-model:1", ["a"])).version == "1"  # the pinned deployment answers
+        handle.version = "2"  # a promote lands; the gateway still believes it serves 1
+        asked = await service.embed("fake-model:1", ["b"])
+        bare = await service.embed("fake-model", ["c"])
+        return asked, bare
+
+    asked, bare = asyncio.run(run())
+    assert asked.version == "1"  # from the pool, not the deployment that moved on
+    assert bare.version == "2"
