@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve import metrics
 
-from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch
+from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch, per_request
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
 
@@ -217,19 +217,15 @@ class EmbeddingModel:
         scored = await asyncio.to_thread(loaded.encoder.score, flat)
         self.texts_counter.inc(len(flat))
         self.batch_texts.observe(len(flat))
-        results, start = [], 0
-        for pairs in requests:
-            end = start + len(pairs)
-            results.append(
-                RerankBatch(
-                    model=self.model_name,
-                    version=loaded.manifest.version,
-                    scores=scored.scores[start:end],
-                    token_counts=scored.token_counts[start:end],
-                )
-            )
-            start = end
-        return results
+        return per_request(
+            requests,
+            lambda part: RerankBatch(
+                model=self.model_name,
+                version=loaded.manifest.version,
+                scores=scored.scores[part],
+                token_counts=scored.token_counts[part],
+            ),
+        )
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_texts_in)
     async def _embed_batch(self, requests: list[list[str]]) -> list[EmbeddingBatch]:
@@ -238,19 +234,15 @@ class EmbeddingModel:
         encoded = await asyncio.to_thread(loaded.encoder.encode, flat)
         self.texts_counter.inc(len(flat))
         self.batch_texts.observe(len(flat))
-        results, start = [], 0
-        for texts in requests:
-            end = start + len(texts)
-            results.append(
-                EmbeddingBatch(
-                    model=self.model_name,
-                    version=loaded.manifest.version,
-                    vectors=encoded.vectors[start:end],
-                    token_counts=encoded.token_counts[start:end],
-                )
-            )
-            start = end
-        return results
+        return per_request(
+            requests,
+            lambda part: EmbeddingBatch(
+                model=self.model_name,
+                version=loaded.manifest.version,
+                vectors=encoded.vectors[part],
+                token_counts=encoded.token_counts[part],
+            ),
+        )
 
     def _require_loaded(self, task: str | None = None) -> LoadedModel:
         if self.loaded is None:

@@ -24,7 +24,7 @@ import numpy as np
 from ray import serve
 from ray.serve import metrics
 
-from serve_app.embeddings.contract import LOADED_KEY, EmbeddingBatch, ModelInfo, RerankBatch
+from serve_app.embeddings.contract import LOADED_KEY, EmbeddingBatch, ModelInfo, RerankBatch, per_request
 from serve_app.infra.redis import GuardedRedis
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
@@ -172,19 +172,15 @@ class ModelPool:
         flat = [text for texts in requests for text in texts]
         encoded = await asyncio.to_thread(model.engine.encode, flat)
         self.texts_counter.inc(len(flat), tags={"model": model.manifest.name, "task": "embed"})
-        results, start = [], 0
-        for texts in requests:
-            end = start + len(texts)
-            results.append(
-                EmbeddingBatch(
-                    model=model.manifest.name,
-                    version=model.manifest.version,
-                    vectors=encoded.vectors[start:end],
-                    token_counts=encoded.token_counts[start:end],
-                )
-            )
-            start = end
-        return results
+        return per_request(
+            requests,
+            lambda part: EmbeddingBatch(
+                model=model.manifest.name,
+                version=model.manifest.version,
+                vectors=encoded.vectors[part],
+                token_counts=encoded.token_counts[part],
+            ),
+        )
 
     @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_size)
     async def _rerank_batch(self, requests: list[list[tuple[str, str]]]) -> list[RerankBatch]:
@@ -192,19 +188,15 @@ class ModelPool:
         flat = [pair for pairs in requests for pair in pairs]
         scored = await asyncio.to_thread(model.engine.score, flat)
         self.texts_counter.inc(len(flat), tags={"model": model.manifest.name, "task": "rerank"})
-        results, start = [], 0
-        for pairs in requests:
-            end = start + len(pairs)
-            results.append(
-                RerankBatch(
-                    model=model.manifest.name,
-                    version=model.manifest.version,
-                    scores=scored.scores[start:end],
-                    token_counts=scored.token_counts[start:end],
-                )
-            )
-            start = end
-        return results
+        return per_request(
+            requests,
+            lambda part: RerankBatch(
+                model=model.manifest.name,
+                version=model.manifest.version,
+                scores=scored.scores[part],
+                token_counts=scored.token_counts[part],
+            ),
+        )
 
     async def __del__(self) -> None:
         if self._publisher is not None:

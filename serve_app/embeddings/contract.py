@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -62,3 +64,15 @@ def model_id(name: str, version: str) -> str:
 # A Redis hash: each on-demand pool replica's id -> {"ids": the model ids it holds, "at": when it said so}.
 LOADED_KEY = "pool:loaded"
 LOADED_TTL_S = 30  # an entry older than this is a replica that stopped saying (it died)
+
+
+T = TypeVar("T")
+
+
+def per_request(requests: Sequence[Sequence[object]], result_of: Callable[[slice], T]) -> list[T]:
+    """A batch's result cut back into one per request: each request's items are consecutive in it."""
+    results, start = [], 0
+    for items in requests:
+        results.append(result_of(slice(start, start + len(items))))
+        start += len(items)
+    return results

@@ -6,15 +6,11 @@ import base64
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from serve_app.errors import RateLimitError
 from serve_app.http.deps import EmbeddingServiceDep, WorkMeterDep, require_infer
-from serve_app.http.routes import AUTH_ERRORS
+from serve_app.http.routes import AUTH_ERRORS, CACHE_HITS_HEADER, MODEL_VERSION_HEADER, metered
 from serve_app.http.schemas import Embedding, EmbeddingRequest, EmbeddingResponse, ErrorResponse, Usage
 
 router = APIRouter(tags=["embeddings"], dependencies=[Depends(require_infer)], responses=AUTH_ERRORS)
-
-CACHE_HITS_HEADER = "X-Cache-Hits"
-MODEL_VERSION_HEADER = "X-Model-Version"
 
 
 @router.post(
@@ -41,17 +37,9 @@ async def create_embeddings(
     texts = body.texts
     history = {"model": body.model, "items": len(texts)}
     request.state.history = history
-    limit_headers: dict[str, str] = dict(getattr(request.state, "ratelimit_headers", {}))
-    try:
+    async with metered(request, meter, history) as limit_headers:
         outcome = await service.embed(body.model, texts, body.dimensions, meter=meter)
-    except RateLimitError as exc:
-        exc.headers = {**limit_headers, **(exc.headers or {})}
-        raise
-    finally:
-        if meter.charged:
-            history["work_tokens"] = meter.charged
     history.update(model=outcome.model, version=outcome.version, cache_hits=outcome.cache_hits)
-    limit_headers.update(meter.headers)
     if body.encoding_format == "base64":
         encoded = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode() for v in outcome.vectors]
     else:

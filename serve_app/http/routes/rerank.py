@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from serve_app.errors import RateLimitError
 from serve_app.http.deps import ServicesDep, WorkMeterDep, require_infer
-from serve_app.http.routes import AUTH_ERRORS
-from serve_app.http.routes.embeddings import CACHE_HITS_HEADER, MODEL_VERSION_HEADER
+from serve_app.http.routes import AUTH_ERRORS, CACHE_HITS_HEADER, MODEL_VERSION_HEADER, metered
 from serve_app.http.schemas import (
     ErrorResponse,
     RerankDocument,
@@ -34,17 +32,9 @@ async def rerank(body: RerankRequest, request: Request, services: ServicesDep, m
     documents = body.texts
     history = {"model": body.model, "items": len(documents)}
     request.state.history = history
-    limit_headers: dict[str, str] = dict(getattr(request.state, "ratelimit_headers", {}))
-    try:
+    async with metered(request, meter, history) as limit_headers:
         outcome = await services.rerank.rerank(body.model, body.query, documents, meter=meter)
-    except RateLimitError as exc:
-        exc.headers = {**limit_headers, **(exc.headers or {})}
-        raise
-    finally:
-        if meter.charged:
-            history["work_tokens"] = meter.charged
     history.update(model=outcome.model, version=outcome.version, cache_hits=outcome.cache_hits)
-    limit_headers.update(meter.headers)
     order = sorted(range(len(documents)), key=lambda i: float(outcome.scores[i]), reverse=True)
     if body.top_n is not None:
         order = order[: body.top_n]

@@ -13,9 +13,9 @@ import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from serve_app.errors import InvalidRequestError, RateLimitError
+from serve_app.errors import InvalidRequestError
 from serve_app.http.deps import ServicesDep, WorkMeterDep, require_infer
-from serve_app.http.routes.embeddings import CACHE_HITS_HEADER, MODEL_VERSION_HEADER
+from serve_app.http.routes import CACHE_HITS_HEADER, MODEL_VERSION_HEADER, metered
 from serve_app.http.schemas import (
     V2Error,
     V2InferResponse,
@@ -121,9 +121,8 @@ async def infer(
     limit = services.settings.max_items_per_request
     history = {"model": name, "items": 0}
     request.state.history = history
-    limit_headers: dict[str, str] = dict(getattr(request.state, "ratelimit_headers", {}))
     described = await services.embeddings.catalog.describe(spec)
-    try:
+    async with metered(request, meter, history) as limit_headers:
         if described.task == "rerank":
             query, documents = _rerank_inputs(inputs, limit, services.settings.max_text_chars)
             history["items"] = len(documents)
@@ -134,14 +133,7 @@ async def infer(
             history["items"] = len(texts)
             outcome = await services.embeddings.embed(spec, texts, meter=meter)
             outputs = {"embedding": np.asarray(outcome.vectors)}
-    except RateLimitError as exc:
-        exc.headers = {**limit_headers, **(exc.headers or {})}
-        raise
-    finally:
-        if meter.charged:
-            history["work_tokens"] = meter.charged
     history.update(model=outcome.model, version=outcome.version, cache_hits=outcome.cache_hits)
-    limit_headers.update(meter.headers)
     try:
         body, headers = encode_response(parsed, outcome.model, outcome.version, outputs)
     except ProtocolError as exc:
