@@ -32,6 +32,7 @@ class ClusterSettings(Settings):
         description="Every node's Serve proxy (host:port) that NGINX balances over.",
     )
     nginx_client_max_body_size: str = "4m"
+    nginx_model_push_max_body_size: str = Field("4g", description="A model archive pushed to /v1/admin/models.")
     nginx_proxy_read_timeout_s: int = Field(75, description="Longer than model_timeout_s, so the gateway's 503 wins.")
     serve_host: str = "127.0.0.1"
     serve_port: int = 8000

@@ -81,6 +81,11 @@ class NotFoundError(APIError):
     code = "not_found"
 
 
+class PayloadTooLargeError(APIError):
+    status_code = 413
+    code = "request_too_large"
+
+
 class RateLimitError(APIError):
     """Too many requests, too much model work, or too many jobs at once, for this key; retry after the given seconds."""
 

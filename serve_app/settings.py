@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = Field(None, description="Node-local weight cache; default <state_dir>/model-cache.")
     model_info_refresh_s: float = 2.0
     model_timeout_s: float = 60.0
+    model_push_max_bytes: int = Field(4 * 2**30, description="The largest model archive POSTed to /v1/admin/models.")
     model_listing_ttl_s: float = Field(
         5.0, description="How long a gateway trusts its listing of a model's versions in the repository."
     )

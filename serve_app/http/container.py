@@ -8,6 +8,7 @@ jobs). Routes reach it through serve_app/http/deps.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from serve_app.rerank.service import RerankService
 from serve_app.settings import Settings
 
 CHECK_TIMEOUT_S = 3.0
+STOP_STEP_TIMEOUT_S = 10.0  # history's own flush is bounded at 5 s
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,11 +89,17 @@ class Services:
         self.history.start()
 
     async def stop(self) -> None:
-        try:
-            await self.history.stop()
-            await self.jobs.close()
-        finally:
-            await self.clients.close()
+        """Flush history, close the queue and the clients: each step bounded and logged by name if it
+        does not finish, so a stuck dependency never holds a replica's shutdown (or says which one did)."""
+        steps = (("history", self.history.stop), ("jobs", self.jobs.close), ("clients", self.clients.close))
+        for name, step in steps:
+            try:
+                async with asyncio.timeout(STOP_STEP_TIMEOUT_S):
+                    await step()
+            except TimeoutError:
+                logger.error("shutdown: %s did not close within %gs; going on without it", name, STOP_STEP_TIMEOUT_S)
+            except Exception:
+                logger.exception("shutdown: closing %s failed", name)
 
     async def readiness(self) -> Readiness:
         """Each dependency's status (at most a second old). A model down: unavailable; else degraded."""

@@ -1,18 +1,30 @@
-"""Users and API keys, for keys with the `admin` scope (the CLI does the same: python -m serve_app.admin).
+"""Users, API keys and the model repository, for keys with the `admin` scope.
 
-Each route calls Accounts (serve_app/auth/accounts.py)."""
+The user and key routes call Accounts (serve_app/auth/accounts.py; the CLI does the same: python -m
+serve_app.admin); the model routes, the repository (what python -m cluster models does)."""
 
 from __future__ import annotations
 
 import asyncio
+import tarfile
+import tempfile
+import zlib
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 
 from serve_app.auth.credentials import USER_NAME_PATTERN
 from serve_app.embeddings.catalog import pool_loaded, version_state
-from serve_app.errors import ConflictError, ModelNotFoundError, ServiceUnavailableError
+from serve_app.errors import (
+    ConflictError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+)
 from serve_app.http.deps import ServicesDep, require_admin
 from serve_app.http.routes import AUTH_ERRORS
 from serve_app.http.schemas import (
@@ -29,7 +41,15 @@ from serve_app.http.schemas import (
     UserCreate,
     UserList,
 )
-from serve_app.model_repository import NAME_PATTERN, Manifest, VersionNotFoundError
+from serve_app.model_repository import (
+    NAME_PATTERN,
+    Manifest,
+    NotAModelError,
+    VersionConflictError,
+    VersionNotFoundError,
+    check_name,
+    describe_model,
+)
 
 router = APIRouter(
     prefix="/v1/admin",
@@ -38,9 +58,9 @@ router = APIRouter(
     responses={**AUTH_ERRORS, 404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}},
 )
 
-UserName = Annotated[str, Path(pattern=USER_NAME_PATTERN)]
-KeyId = Annotated[str, Path(pattern=r"^[0-9a-f]{16}$")]
-ModelName = Annotated[str, Path(pattern=NAME_PATTERN.pattern)]
+UserName = Annotated[str, PathParam(pattern=USER_NAME_PATTERN)]
+KeyId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{16}$")]
+ModelName = Annotated[str, PathParam(pattern=NAME_PATTERN.pattern)]
 
 
 @router.post("/users", response_model=User, status_code=201, responses={400: {"model": ErrorResponse}})
@@ -104,6 +124,15 @@ async def rotate_key(key_id: KeyId, body: KeyRotate, services: ServicesDep) -> R
     return RotatedKey(key=key, new=KeyInfo(**new), old=KeyInfo(**old))
 
 
+def check_names(name: str, version: str) -> None:
+    """The repository's own rules for names (no '..', which the path pattern lets through): a 400."""
+    try:
+        check_name("model name", name)
+        check_name("version", version)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="name") from None
+
+
 def _row(manifest: Manifest, state: str) -> RepositoryModel:
     return RepositoryModel(
         name=manifest.name,
@@ -134,6 +163,7 @@ async def list_repository(services: ServicesDep) -> RepositoryModelList:
 
 
 async def _manifest(services, name: str, version: str) -> Manifest:
+    check_names(name, version)
     repository = services.embeddings.catalog.repository
     if repository is None:
         raise ServiceUnavailableError("this gateway has no model repository (no on-demand pool)")
@@ -168,3 +198,69 @@ async def delete_repository_version(
     await asyncio.to_thread(catalog.repository.delete, name, version)
     catalog.forget(name)
     return _row(manifest, "available")
+
+
+PUSH_BODY = {
+    "requestBody": {
+        "description": "The model directory as a tar archive (gzip or not): its files at the top, or in one folder.",
+        "required": True,
+        "content": {"application/gzip": {}, "application/x-tar": {}, "application/octet-stream": {}},
+    }
+}
+
+
+@router.post(
+    "/models/{name}/versions/{version}",
+    response_model=RepositoryModel,
+    status_code=201,
+    openapi_extra=PUSH_BODY,
+    responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def push_repository_version(
+    name: ModelName,
+    version: ModelName,
+    request: Request,
+    services: ServicesDep,
+    task: Annotated[Literal["embed", "rerank"] | None, Query()] = None,
+) -> RepositoryModel:
+    """Push a model version from a tar archive of its directory, as `python -m cluster models push` does:
+    refused with what it lacks when it is not a model; a version with other files is a 409 (versions are
+    immutable); the same files again change nothing. The task is read from its config.json unless given."""
+    catalog = services.embeddings.catalog
+    check_names(name, version)
+    if catalog.repository is None:
+        raise ServiceUnavailableError("this gateway has no model repository (no on-demand pool)")
+    limit = services.settings.model_push_max_bytes
+    with tempfile.TemporaryDirectory(prefix="model-push-") as scratch:
+        archive = Path(scratch) / "model.tar"
+        size = 0
+        with archive.open("wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(f"the archive is over {limit} bytes (INFER_MODEL_PUSH_MAX_BYTES)")
+                await asyncio.to_thread(out.write, chunk)
+        if size == 0:
+            raise InvalidRequestError("the body is empty: send the model directory as a tar archive")
+        try:
+            manifest = await asyncio.to_thread(_push_archive, catalog.repository, archive, name, version, task)
+        except (NotAModelError, tarfile.TarError, EOFError, zlib.error) as exc:
+            raise InvalidRequestError(f"not a model archive: {exc}") from None
+        except OSError as exc:  # a gzip stream that is not one (BadGzipFile), a file it cannot write
+            raise InvalidRequestError(f"not a model archive: {exc}") from None
+        except VersionConflictError as exc:
+            raise ConflictError(str(exc)) from None
+    catalog.forget(name)
+    return _row(manifest, "available")
+
+
+def _push_archive(repository, archive: Path, name: str, version: str, task: str | None) -> Manifest:
+    """Unpack safely (no links, nothing outside the folder: tarfile's data filter) and push the model in it."""
+    target = archive.parent / "model"
+    target.mkdir()
+    with tarfile.open(archive) as tar:  # gzip or plain, by its first bytes
+        tar.extractall(target, filter="data")
+    entries = [p for p in target.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir():  # the usual `tar czf model.tgz my-model/`
+        target = entries[0]
+    return repository.push(target, name, version, **describe_model(target, task))

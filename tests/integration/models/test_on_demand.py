@@ -285,3 +285,42 @@ def test_a_reranker_pinned_by_the_serve_config_gets_its_own_deployment(api, sett
         assert cards[names["rerank"]]["device"] == "cpu"  # a replica of its own answered its info
     finally:
         local.deploy(settings)
+
+
+def test_an_admin_pushes_a_version_over_http_as_an_archive(api, settings, models, make_key, tmp_path):
+    import io
+    import tarfile
+
+    names, dirs = models
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        tar.add(dirs["embed:1"], arcname="my-model")  # one folder at the top, as `tar czf` makes it
+    url = f"/v1/admin/models/{names['embed']}/versions/http"
+    headers = {"Content-Type": "application/gzip"}
+    pushed = api.post(url, content=archive.getvalue(), headers=headers)
+    assert pushed.status_code == 201, pushed.text
+    assert (pushed.json()["version"], pushed.json()["task"], pushed.json()["dims"]) == ("http", "embed", 128)
+    texts = [f"pushed over http {uuid.uuid4().hex[:6]}"]
+    served = embed(api, f"{names['embed']}:http", texts)
+    assert served.status_code == 200, served.text
+    np.testing.assert_allclose(
+        [d["embedding"] for d in served.json()["data"]], reference_embeddings(dirs["embed:1"], texts), atol=1e-4
+    )
+    assert api.post(url, content=archive.getvalue(), headers=headers).status_code == 201  # the same files: no change
+
+    not_a_model = io.BytesIO()
+    with tarfile.open(fileobj=not_a_model, mode="w:gz") as tar:
+        info = tarfile.TarInfo("README.md")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    refused = api.post(
+        f"/v1/admin/models/{names['embed']}/versions/bad", content=not_a_model.getvalue(), headers=headers
+    )
+    assert refused.status_code == 400
+    assert "not a transformers model directory: no config.json" in refused.json()["error"]["message"]
+    garbage = api.post(f"/v1/admin/models/{names['embed']}/versions/bad", content=b"\x1f\x8b not gzip", headers=headers)
+    assert garbage.status_code == 400
+    assert garbage.json()["error"]["message"].startswith("not a model archive")
+    not_admin = make_key(f"itest-{uuid.uuid4().hex[:6]}", scopes=["infer"])
+    forbidden = api.post(url, content=archive.getvalue(), headers={**headers, "Authorization": f"Bearer {not_admin}"})
+    assert forbidden.status_code == 403

@@ -101,3 +101,19 @@ def test_more_pinned_models_are_found_by_their_deployment():
     [made] = [d for d in config["applications"][0]["deployments"] if d["name"] == "Pinned-ranker"]
     assert made["user_config"] == {"version": "2"}
     assert pinned_user_config(config, "m") == {"version": "1"}
+
+
+def test_an_archive_that_reaches_outside_its_folder_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    from serve_app.http.routes.admin import _push_archive
+
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(tarfile.TarError):
+        _push_archive(None, archive, "m", "1", None)
+    assert not (tmp_path.parent / "escaped.txt").exists()

@@ -123,3 +123,25 @@ def test_mongodb_down_is_a_503_not_a_500(client, path):
     response = client.get(path)
     assert response.status_code == 503
     assert response.json()["error"]["message"] == "MongoDB is unavailable; try again shortly"
+
+
+def test_a_stuck_dependency_does_not_hold_the_gateways_shutdown(app, monkeypatch, caplog):
+    import asyncio
+
+    from serve_app.http import container
+
+    services = app.state.services
+    closed = []
+
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    async def closes() -> None:
+        closed.append("clients")
+
+    monkeypatch.setattr(container, "STOP_STEP_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(services.history, "stop", hangs)
+    monkeypatch.setattr(services.clients, "close", closes)
+    asyncio.run(services.stop())
+    assert closed == ["clients"]  # the steps after the stuck one still ran
+    assert "shutdown: history did not close within 0.1s" in caplog.text
