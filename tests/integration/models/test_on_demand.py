@@ -270,7 +270,10 @@ def test_a_reranker_pinned_by_the_serve_config_gets_its_own_deployment(api, sett
     try:
         deadline = time.monotonic() + 180
         while True:
-            cards = {c["id"]: c for c in api.get("/v1/models").json()["data"]}
+            # While the new deployment starts, the listing is a 503 (every pinned model must answer its
+            # info; the new gateway replica pins one that does not yet): wait for it to list the reranker.
+            listing = api.get("/v1/models")
+            cards = {c["id"]: c for c in listing.json()["data"]} if listing.status_code == 200 else {}
             if cards.get(names["rerank"], {}).get("state") == "pinned":
                 break
             assert time.monotonic() < deadline, "the pinned reranker never became ready"
