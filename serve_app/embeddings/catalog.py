@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.embeddings.contract import model_id
+from serve_app.embeddings.contract import ModelInfo, model_id
 from serve_app.embeddings.model_client import ModelClient
 from serve_app.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from serve_app.infra.redis import GuardedRedis
@@ -184,15 +184,14 @@ class ModelCatalog:
         found = await asyncio.gather(*(self.versions(name, fresh=fresh) for name in names))
         return {name: manifests for name, manifests in zip(names, found, strict=True) if manifests}
 
+    async def pinned_infos(self) -> dict[str, ModelInfo]:
+        """What each pinned model serves now (its version and canary)."""
+        infos = await asyncio.gather(*(client.info() for client in self.pinned.values()))
+        return dict(zip(self.pinned, infos, strict=True))
+
     async def served_versions(self) -> dict[str, str]:
         """The version each pinned model serves now."""
-        infos = await asyncio.gather(*(client.info() for client in self.pinned.values()))
-        return {name: info.version for name, info in zip(self.pinned, infos, strict=True)}
-
-    async def canary_versions(self) -> dict[str, str]:
-        """The canary version of each pinned model that has one."""
-        infos = await asyncio.gather(*(client.info() for client in self.pinned.values()))
-        return {name: info.canary_version for name, info in zip(self.pinned, infos, strict=True) if info.canary_version}
+        return {name: info.version for name, info in (await self.pinned_infos()).items()}
 
     async def _manifest(self, name: str, version: str | None) -> Manifest:
         if self.pool is None:

@@ -188,10 +188,8 @@ async def delete_repository_version(
     that deployment's canary, unless `force` (its replicas then fail the next time they load it)."""
     catalog = services.embeddings.catalog
     manifest = await _manifest(services, name, version)
-    if not force and version in (
-        (await catalog.served_versions()).get(name),
-        (await catalog.canary_versions()).get(name),
-    ):
+    pinned = (await catalog.pinned_infos()).get(name)
+    if not force and pinned is not None and version in (pinned.version, pinned.canary_version):
         raise ConflictError(
             f"{name}:{version} is served now (or is its canary); deploy another version first (or force=true)"
         )
