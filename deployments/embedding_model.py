@@ -130,7 +130,12 @@ class EmbeddingModel:
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        local_dir, manifest = self.repository.fetch(self.model_name, config.version, self.settings.weights_cache_dir)
+        local_dir, manifest = self.repository.fetch(
+            self.model_name,
+            config.version,
+            self.settings.weights_cache_dir,
+            max_bytes=self.settings.weights_cache_max_bytes,
+        )
         if manifest.task == "rerank":
             encoder = CrossEncoder(
                 local_dir,

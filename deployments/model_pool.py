@@ -7,6 +7,12 @@ through the same sha256-checked node cache as the pinned replicas, keeping the
 `max_models_per_replica` most recently used. Embedding and reranking requests are batched with
 `@serve.batch`, which Ray splits by model id, so one forward pass never mixes models.
 
+A version is loaded before the multiplexer makes room for it (`StagedLoads`): Serve's multiplexer
+evicts its least recently used model first and loads after, so a version that fails to load would
+otherwise cost a replica a good model. A replica briefly holds one model more than its limit while
+a new one loads. A failed load is remembered for `FAILED_LOAD_RETRY_S`: requests for that version
+meanwhile fail at once with the same reason instead of each downloading it again.
+
 Each replica writes the ids it holds to Redis (its field of the hash `pool:loaded`, refreshed while
 it lives), so GET /v1/models can say which models are loaded.
 """
@@ -18,13 +24,22 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 from ray import serve
 from ray.serve import metrics
 
-from serve_app.embeddings.contract import LOADED_KEY, EmbeddingBatch, ModelInfo, RerankBatch, per_request
+from serve_app.embeddings.contract import (
+    LOADED_KEY,
+    EmbeddingBatch,
+    ModelInfo,
+    ModelLoadError,
+    RerankBatch,
+    per_request,
+)
 from serve_app.infra.redis import GuardedRedis
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
@@ -32,6 +47,8 @@ from serve_app.settings import get_settings
 logger = logging.getLogger("ray.serve")
 
 LOADED_REFRESH_S = 10
+FAILED_LOAD_RETRY_S = 30.0
+STAGED_KEEP_S = 60.0
 MAX_BATCH = 64  # texts (or pairs) per batch, summed over the requests in it
 
 
@@ -59,7 +76,7 @@ class PoolModel:
         )
 
 
-def load_pool_model(repository: ModelRepository, cache_root, name: str, version: str, device: str) -> PoolModel:
+def load_pool_model(repository: ModelRepository, settings, name: str, version: str, device: str) -> PoolModel:
     """Fetch name:version into the node cache and build the engine its task needs."""
     import torch
 
@@ -68,12 +85,66 @@ def load_pool_model(repository: ModelRepository, cache_root, name: str, version:
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    local_dir, manifest = repository.fetch(name, version, cache_root)
+    local_dir, manifest = repository.fetch(
+        name, version, settings.weights_cache_dir, max_bytes=settings.weights_cache_max_bytes
+    )
     if manifest.task == "rerank":
         engine = CrossEncoder(local_dir, device=device, max_tokens=manifest.max_tokens or 512)
     else:
         engine = SentenceEncoder(local_dir, device=device)
     return PoolModel(manifest=manifest, source=repository.uri(name, version), engine=engine, loaded_at=time.time())
+
+
+M = TypeVar("M")
+
+
+class StagedLoads(Generic[M]):
+    """Loads a model before the multiplexer is asked for it, and remembers the loads that failed.
+
+    `prepare(id)` loads it (once, however many requests want it) and keeps it aside; the
+    multiplexer's loader then `take`s it, so the multiplexer evicts only to make room for a model
+    that loaded. A failure is kept for `retry_after_s` and raised again at once as a ModelLoadError.
+    """
+
+    def __init__(self, load: Callable[[str], Awaitable[M]], retry_after_s: float = FAILED_LOAD_RETRY_S) -> None:
+        self._load = load
+        self.retry_after_s = retry_after_s
+        self._staged: dict[str, tuple[float, M]] = {}
+        self._failed: dict[str, tuple[float, str]] = {}
+        self._loading: dict[str, asyncio.Task] = {}
+
+    async def prepare(self, model_id: str) -> None:
+        failed = self._failed.get(model_id)
+        if failed is not None:
+            if time.monotonic() < failed[0]:
+                raise ModelLoadError(failed[1])
+            del self._failed[model_id]
+        now = time.monotonic()
+        for stale in [k for k, (at, _) in self._staged.items() if now - at > STAGED_KEEP_S]:
+            del self._staged[stale]  # loaded for callers that all left before taking it
+        if model_id in self._staged:
+            return
+        task = self._loading.get(model_id)
+        if task is None:
+            task = asyncio.create_task(self._stage(model_id))
+            self._loading[model_id] = task
+        await asyncio.shield(task)  # a caller that leaves does not cancel the load others wait for
+
+    async def _stage(self, model_id: str) -> None:
+        try:
+            model = await self._load(model_id)
+            self._staged[model_id] = (time.monotonic(), model)
+        except Exception as exc:
+            reason = f"{model_id} could not be loaded: {exc}"
+            logger.error("pool: %s", reason)
+            self._failed[model_id] = (time.monotonic() + self.retry_after_s, reason)
+            raise ModelLoadError(reason) from None
+        finally:
+            del self._loading[model_id]
+
+    def take(self, model_id: str) -> M | None:
+        staged = self._staged.pop(model_id, None)
+        return None if staged is None else staged[1]
 
 
 def _size(requests: list) -> int:
@@ -104,16 +175,20 @@ class ModelPool:
             check_name("model name", name)
             check_name("version", version)
             started = time.perf_counter()
-            model = await asyncio.to_thread(
-                load_pool_model, self.repository, self.settings.weights_cache_dir, name, version, self.device
-            )
+            model = await asyncio.to_thread(load_pool_model, self.repository, self.settings, name, version, self.device)
             logger.info("pool loaded %s (%s) in %.1fs", model_id, model.manifest.task, time.perf_counter() - started)
+            return model
+
+        self._loads: StagedLoads[PoolModel] = StagedLoads(load)
+
+        async def hold(model_id: str) -> PoolModel:
+            model = self._loads.take(model_id) or await load(model_id)  # staged, unless the multiplexer dropped it
             self._held[model_id] = model
             await self._publish()
             return model
 
         # Bound per instance so the limit comes from the Serve config (Ray detects this form too).
-        self._get_model = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(load)
+        self._get_model = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(hold)
 
     async def _publish(self) -> None:
         """Write the ids this replica holds (the multiplexer drops evicted models; the weak dict follows)."""
@@ -131,6 +206,8 @@ class ModelPool:
         model_id = serve.get_multiplexed_model_id()
         if not model_id:
             raise ValueError("a request to the model pool names no model (multiplexed_model_id)")
+        if model_id not in self._held:
+            await self._loads.prepare(model_id)  # before the multiplexer evicts anything for it
         model = await self._get_model(model_id)
         if task is not None and model.manifest.task != task:
             raise ValueError(f"{model_id} is a {model.manifest.task} model, not a {task} model")

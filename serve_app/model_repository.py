@@ -10,9 +10,12 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -27,9 +30,12 @@ from pydantic import BaseModel, field_validator
 from serve_app.infra.s3 import object_store_client
 from serve_app.settings import Settings
 
+logger = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
 TOMBSTONE = "deleted.json"  # what a deleted version leaves: its digest, so the version is never reused
 VERIFIED_MARKER = ".verified"
+PRUNE_IDLE_S = 600.0  # a cached version used this recently is never pruned
 CHUNK = 1 << 20
 
 
@@ -259,12 +265,21 @@ class ModelRepository:
         self.client.put_object(self.bucket, prefix + TOMBSTONE, io.BytesIO(body), len(body), "application/json")
         return manifest
 
-    def fetch(self, name: str, version: str, cache_root: Path) -> tuple[Path, Manifest]:
+    def fetch(
+        self, name: str, version: str, cache_root: Path, *, max_bytes: int | None = None
+    ) -> tuple[Path, Manifest]:
         """Make cache_root/name/version hold the verified files; one download per node.
 
         Replicas on the same node that start together serialise on a file lock; the first
-        downloads, the others find the verified marker and return at once.
+        downloads, the others find the verified marker and return at once. With `max_bytes`, the
+        cache is then pruned to that size (prune_cache), never of this version.
         """
+        local_dir, manifest = self._fetch(name, version, cache_root)
+        if max_bytes:
+            prune_cache(cache_root, max_bytes, keep=local_dir)
+        return local_dir, manifest
+
+    def _fetch(self, name: str, version: str, cache_root: Path) -> tuple[Path, Manifest]:
         check_name("model name", name)
         check_name("version", version)
         manifest = self.manifest(name, version)
@@ -276,6 +291,7 @@ class ModelRepository:
         marker = target / VERIFIED_MARKER
         with _exclusive_lock(cache_root / name / f".{version}.lock"):
             if marker.exists() and marker.read_text() == manifest.digest:
+                os.utime(marker)  # last used now: pruned last
                 return target, manifest
             marker.unlink(missing_ok=True)
             for f in manifest.files:
@@ -310,6 +326,49 @@ class ModelRepository:
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def prune_cache(cache_root: Path, max_bytes: int, *, keep: Path, idle_s: float = PRUNE_IDLE_S) -> list[Path]:
+    """Remove the least recently used versions from a node cache until it holds at most max_bytes.
+
+    Only verified versions are candidates, least recently fetched first (their marker's mtime), and
+    never `keep`, one used in the last `idle_s` (a replica may be loading it), or one whose lock
+    another process holds (being fetched). A replica that already loaded a removed version keeps
+    running (its weights are in memory); the next one to start downloads it again. Returns what
+    it removed.
+    """
+    versions = []
+    for marker in cache_root.glob(f"*/*/{VERIFIED_MARKER}"):
+        directory = marker.parent
+        try:
+            used = marker.stat().st_mtime
+            size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        except FileNotFoundError:  # removed meanwhile by another replica's prune
+            continue
+        versions.append((used, size, directory))
+    total = sum(size for _, size, _ in versions)
+    removed: list[Path] = []
+    now = time.time()
+    for used, size, directory in sorted(versions, key=lambda v: v[0]):
+        if total <= max_bytes:
+            break
+        if directory.resolve() == keep.resolve() or now - used < idle_s:
+            continue
+        lock = directory.parent / f".{directory.name}.lock"
+        with lock.open("a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # another process is fetching it now
+            try:
+                (directory / VERIFIED_MARKER).unlink(missing_ok=True)  # not usable from here on
+                shutil.rmtree(directory, ignore_errors=True)
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        logger.info("model cache: removed %s (%.1f MB) to stay under %.1f GB", directory, size / 1e6, max_bytes / 1e9)
+        total -= size
+        removed.append(directory)
+    return removed
 
 
 @contextmanager

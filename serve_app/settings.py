@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     default_model: str = "all-minilm-l6-v2"
     default_model_version: str = "1"
     model_cache_dir: Path | None = Field(None, description="Node-local weight cache; default <state_dir>/model-cache.")
+    model_cache_max_gb: float = Field(
+        20.0,
+        ge=0,
+        description="The node cache is pruned to this size after each fetch, least recently used versions "
+        "first (0: never pruned).",
+    )
     model_info_refresh_s: float = 2.0
     model_timeout_s: float = 60.0
     model_push_max_bytes: int = Field(4 * 2**30, description="The largest model archive POSTed to /v1/admin/models.")
@@ -142,6 +148,10 @@ class Settings(BaseSettings):
     @property
     def weights_cache_dir(self) -> Path:
         return self.model_cache_dir or self.state_dir / "model-cache"
+
+    @property
+    def weights_cache_max_bytes(self) -> int | None:
+        return int(self.model_cache_max_gb * 1e9) or None
 
     @computed_field  # type: ignore[prop-decorator]
     @property

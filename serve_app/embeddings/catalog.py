@@ -189,6 +189,22 @@ class ModelCatalog:
         infos = await asyncio.gather(*(client.info() for client in self.pinned.values()))
         return dict(zip(self.pinned, infos, strict=True))
 
+    async def pinned_answers(self, names: list[str], *, wait_s: float) -> dict[str, ModelInfo | Exception]:
+        """What each named pinned model serves now, or why it does not say within `wait_s` (a deployment
+        starting, or its replicas down): for listings, which show the others instead of failing."""
+
+        async def ask(client: ModelClient) -> ModelInfo | Exception:
+            try:
+                # Shielded: a refresh cut short here still lands for the next request.
+                return await asyncio.wait_for(asyncio.shield(client.info()), wait_s)
+            except TimeoutError:
+                return ServiceUnavailableError(f"model {client.name!r} did not answer within {wait_s:g}s")
+            except ServiceUnavailableError as exc:
+                return exc
+
+        answers = await asyncio.gather(*(ask(self.pinned[name]) for name in names))
+        return dict(zip(names, answers, strict=True))
+
     async def served_versions(self) -> dict[str, str]:
         """The version each pinned model serves now."""
         return {name: info.version for name, info in (await self.pinned_infos()).items()}

@@ -62,6 +62,10 @@ def model_id(name: str, version: str) -> str:
 
 
 # A Redis hash: each on-demand pool replica's id -> {"ids": the model ids it holds, "at": when it said so}.
+class ModelLoadError(Exception):
+    """A model version the pool could not load (its files, its weights): the message says why."""
+
+
 LOADED_KEY = "pool:loaded"
 LOADED_TTL_S = 30  # an entry older than this is a replica that stopped saying (it died)
 

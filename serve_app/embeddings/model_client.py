@@ -9,7 +9,7 @@ import time
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch
+from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, ModelLoadError, RerankBatch
 from serve_app.errors import ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class ModelClient:
         self.timeout_s = timeout_s
         self.info_timeout_s = info_timeout_s  # an on-demand model loads on its first info call: longer
         self._info: ModelInfo | None = None
+        self._last_info: ModelInfo | None = None  # kept through forget_info(), for listings
         self._info_at = 0.0
         self._refreshing = asyncio.Lock()
 
@@ -50,7 +51,13 @@ class ModelClient:
                 self._info_at = time.monotonic()
             return self._info
 
+    @property
+    def last_info(self) -> ModelInfo | None:
+        """The last answer to info(), however old (None before the first)."""
+        return self._info or self._last_info
+
     def forget_info(self) -> None:
+        self._last_info = self._info or self._last_info
         self._info = None
 
     async def embed(self, texts: list[str]) -> EmbeddingBatch:
@@ -71,6 +78,9 @@ class ModelClient:
                     return await getattr(self.handle, method).remote(*args)
         except TimeoutError as exc:
             raise ServiceUnavailableError(f"model {self.name!r} did not answer within {timeout_s:g}s") from exc
+        except ModelLoadError as exc:  # the pool could not load the version (Ray re-raises it as its cause)
+            reason = getattr(exc, "cause", None) or exc
+            raise ServiceUnavailableError(str(reason.args[0]) if reason.args else str(reason)) from exc
         except Exception as exc:  # any failure of the remote replica is the model being unavailable
             logger.warning("model %s.%s failed: %r", self.name, method, exc)
             raise ServiceUnavailableError(f"model {self.name!r} is unavailable: {type(exc).__name__}") from exc

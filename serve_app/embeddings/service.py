@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 from ray.serve.handle import DeploymentHandle
@@ -31,6 +32,7 @@ from serve_app.settings import Settings
 if TYPE_CHECKING:
     from serve_app.auth.work_budget import WorkMeter
 
+Item = TypeVar("Item")
 DEFAULT_MAX_TOKENS = 256  # the model's own truncation, when it does not say
 # Characters that WordPiece/BPE tokenizers tend to make a token of each: punctuation, symbols,
 # anything not ASCII (CJK, emoji). Counted only in texts short enough for it to matter.
@@ -47,10 +49,10 @@ def estimate_tokens(text: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
     return min(max_tokens, math.ceil(chars / 4) + len(_ONE_TOKEN_EACH.findall(text)) + 2)
 
 
-def split_by_tokens(texts: list[str], costs: list[int], max_tokens: int) -> list[tuple[list[str], int]]:
-    """Consecutive texts grouped into model calls of at most max_tokens (a text bigger alone goes alone)."""
-    calls: list[tuple[list[str], int]] = []
-    current: list[str] = []
+def split_by_tokens(texts: list[Item], costs: list[int], max_tokens: int) -> list[tuple[list[Item], int]]:
+    """Consecutive items grouped into model calls of at most max_tokens (one bigger alone goes alone)."""
+    calls: list[tuple[list[Item], int]] = []
+    current: list[Item] = []
     total = 0
     for text, cost in zip(texts, costs, strict=True):
         if current and total + cost > max_tokens:
@@ -61,6 +63,104 @@ def split_by_tokens(texts: list[str], costs: list[int], max_tokens: int) -> list
     if current:
         calls.append((current, total))
     return calls
+
+
+Batch = TypeVar("Batch", bound="HasVersion")
+
+
+class HasVersion(Protocol):
+    version: str
+
+
+async def metered_calls(
+    items: list[Item],
+    costs: list[int],
+    meter: WorkMeter | None,
+    call_max_tokens: int,
+    send: Callable[[list[Item]], Awaitable[Batch]],
+    on_done: Callable[[list[Item], Batch], Awaitable[None]],
+    *,
+    charge: bool,
+) -> list[tuple[list[Item], Batch]]:
+    """Items sent to the model as the meter allows: (the items of each call, what it answered).
+
+    Without a meter that enforces anything (jobs, which pace themselves), one call. Otherwise the
+    items are cut into calls of at most `call_max_tokens` (and at most the key's in-flight allowance),
+    charged to the key's budget first when `charge`, and sent a sliding window at a time, each call
+    holding a lease until it ends. `on_done` sees each call's answer as it comes (to cache it).
+    """
+    if meter is None or (meter.rate_per_s <= 0 and meter.max_inflight <= 0):
+        batch = await send(items)
+        await on_done(items, batch)
+        return [(items, batch)]
+    call_tokens = min(call_max_tokens, meter.max_inflight) if meter.max_inflight > 0 else call_max_tokens
+    calls = split_by_tokens(items, costs, call_tokens)
+    first_lease = await meter.admit(sum(costs), calls[0][1]) if charge else None
+    done: list[tuple[list[Item], Batch]] = []
+    paid: list[int] = []
+    try:
+        await _paced(calls, meter, first_lease, send, on_done, done, paid)
+    except BaseException:
+        # What the model did not compute is given back (a call never sent, or one that failed); a
+        # call whose caller left is paid for: the model computes it anyway, so disconnecting
+        # must not buy model time for free.
+        if charge:
+            await asyncio.shield(meter.refund(sum(costs) - sum(paid)))
+        raise
+    return done
+
+
+async def _paced(calls, meter: WorkMeter, first_lease: str | None, send, on_done, done: list, paid: list[int]) -> None:
+    """Model calls as the key's in-flight allowance admits them, each holding a lease until it ends."""
+
+    async def call(call_items: list, tokens: int, lease: str) -> None:
+        try:
+            batch = await send(call_items)
+        except asyncio.CancelledError:
+            paid.append(tokens)
+            raise
+        finally:
+            await asyncio.shield(meter.release(lease))
+        paid.append(tokens)
+        done.append((call_items, batch))
+        await on_done(call_items, batch)
+
+    running: set[asyncio.Task] = set()
+    tokens_of: dict[asyncio.Task, int] = {}
+    loop = asyncio.get_running_loop()
+    waiting_since: float | None = None
+    next_call = 0
+    try:
+        while next_call < len(calls) or running:
+            while next_call < len(calls):
+                call_items, tokens = calls[next_call]
+                held = sum(tokens_of[task] for task in running)
+                if held and held + tokens > meter.max_inflight > 0:
+                    break  # our own calls fill the allowance (the bound holds here even without Redis)
+                lease = first_lease if next_call == 0 and first_lease is not None else await meter.lease(tokens)
+                if lease is None:
+                    break
+                task = asyncio.create_task(call(call_items, tokens, lease))
+                running.add(task)
+                tokens_of[task] = tokens
+                next_call += 1
+                waiting_since = None
+            if running:  # our own calls hold the allowance: the next one ends frees some
+                finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                failures = [task.exception() for task in finished if task.exception() is not None]
+                if failures:  # a failed call fails the request
+                    raise failures[0]
+            elif next_call < len(calls):  # the key's other requests hold it: wait, within a bound
+                waiting_since = waiting_since or loop.time()
+                waited = loop.time() - waiting_since
+                if waited >= meter.wait_s:
+                    raise meter.busy()
+                await meter.wait(waited)
+    finally:
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
 
 
 @dataclass(frozen=True)
@@ -187,91 +287,16 @@ class EmbeddingService:
         self, client: ModelClient, texts: list[str], max_tokens: int, meter: WorkMeter | None, *, charge: bool
     ) -> tuple[Computed, set[str]]:
         """Embeddings of texts from the model, cached as they come: (by text, the versions that answered)."""
-        if meter is None or (meter.rate_per_s <= 0 and meter.max_inflight <= 0):
-            batch = await client.embed(texts)
-            await self._store(client.name, texts, batch)
-            return _by_text(texts, batch), {batch.version}
-        costs = [estimate_tokens(text, max_tokens) for text in texts]
-        call_tokens = self.call_max_tokens
-        if meter.max_inflight > 0:
-            call_tokens = min(call_tokens, meter.max_inflight)
-        calls = split_by_tokens(texts, costs, call_tokens)
-        first_lease = await meter.admit(sum(costs), calls[0][1]) if charge else None
-        done: list[tuple[list[str], int, EmbeddingBatch]] = []
-        paid: list[int] = []
-        try:
-            await self._paced(client, calls, meter, first_lease, done, paid)
-        except BaseException:
-            # What the model did not compute is given back (a call never sent, or one that failed); a
-            # call whose caller left is paid for: the model computes it anyway, so disconnecting
-            # must not buy model time for free.
-            if charge:
-                await asyncio.shield(meter.refund(sum(costs) - sum(paid)))
-            raise
-        computed: Computed = {}
-        for call_texts, _, batch in done:
-            computed.update(_by_text(call_texts, batch))
-        return computed, {batch.version for _, _, batch in done}
 
-    async def _paced(
-        self,
-        client: ModelClient,
-        calls: list[tuple[list[str], int]],
-        meter: WorkMeter,
-        first_lease: str | None,
-        done: list[tuple[list[str], int, EmbeddingBatch]],
-        paid: list[int],
-    ) -> None:
-        """Model calls as the key's in-flight allowance admits them, each holding a lease until it ends."""
-
-        async def call(call_texts: list[str], tokens: int, lease: str) -> None:
-            try:
-                batch = await client.embed(call_texts)
-            except asyncio.CancelledError:
-                paid.append(tokens)
-                raise
-            finally:
-                await asyncio.shield(meter.release(lease))
-            paid.append(tokens)
-            done.append((call_texts, tokens, batch))
+        async def store(call_texts: list[str], batch: EmbeddingBatch) -> None:
             await self._store(client.name, call_texts, batch)
 
-        running: set[asyncio.Task] = set()
-        tokens_of: dict[asyncio.Task, int] = {}
-        loop = asyncio.get_running_loop()
-        waiting_since: float | None = None
-        next_call = 0
-        try:
-            while next_call < len(calls) or running:
-                while next_call < len(calls):
-                    call_texts, tokens = calls[next_call]
-                    held = sum(tokens_of[task] for task in running)
-                    if held and held + tokens > meter.max_inflight > 0:
-                        break  # our own calls fill the allowance (the bound holds here even without Redis)
-                    lease = first_lease if next_call == 0 and first_lease is not None else await meter.lease(tokens)
-                    if lease is None:
-                        break
-                    task = asyncio.create_task(call(call_texts, tokens, lease))
-                    running.add(task)
-                    tokens_of[task] = tokens
-                    next_call += 1
-                    waiting_since = None
-                if running:  # our own calls hold the allowance: the next one ends frees some
-                    finished, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                    failures = [task.exception() for task in finished if task.exception() is not None]
-                    if failures:  # a failed call fails the request
-                        raise failures[0]
-                elif next_call < len(calls):  # the key's other requests hold it: wait, within a bound
-                    waiting_since = waiting_since or loop.time()
-                    waited = loop.time() - waiting_since
-                    if waited >= meter.wait_s:
-                        raise meter.busy()
-                    await meter.wait(waited)
-        finally:
-            for task in running:
-                task.cancel()
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
+        costs = [estimate_tokens(text, max_tokens) for text in texts]
+        done = await metered_calls(texts, costs, meter, self.call_max_tokens, client.embed, store, charge=charge)
+        computed: Computed = {}
+        for call_texts, batch in done:
+            computed.update(_by_text(call_texts, batch))
+        return computed, {batch.version for _, batch in done}
 
     async def _store(self, model_name: str, texts: list[str], batch: EmbeddingBatch) -> None:
         await self.cache.put_many(

@@ -75,7 +75,7 @@ class Services:
             repository=ModelRepository.from_settings(settings, timeout_s=CHECK_TIMEOUT_S),
             models=embeddings.models,
             embeddings=embeddings,
-            rerank=RerankService(embeddings.catalog, embeddings.cache),
+            rerank=RerankService(embeddings.catalog, embeddings.cache, call_max_tokens=embeddings.call_max_tokens),
             jobs=JobService.from_settings(settings, clients, embeddings, keys),
             keys=keys,
             accounts=Accounts(keys),

@@ -148,7 +148,11 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "inference-cluster"
     version: str = Field(description="The version a request for the bare name gets.")
-    state: Literal["pinned", "loaded", "available"] = "pinned"
+    state: Literal["pinned", "loaded", "available", "unavailable"] = Field(
+        "pinned",
+        description="pinned: its own deployment serves it; loaded or available: served on demand (see versions); "
+        "unavailable: pinned, but its deployment does not answer now (starting, or its replicas down).",
+    )
     dims: int
     task: str
     framework: str

@@ -65,7 +65,9 @@ class JobRunner:
     def reranker(self) -> RerankService:
         """The rerank service, over the embeddings' catalog and cache unless one was given."""
         if self._rerank is None:
-            self._rerank = RerankService(self.embeddings.catalog, self.embeddings.cache)
+            self._rerank = RerankService(
+                self.embeddings.catalog, self.embeddings.cache, call_max_tokens=self.embeddings.call_max_tokens
+            )
         return self._rerank
 
     async def run(self, job_id: str) -> Settlement:

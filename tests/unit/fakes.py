@@ -11,7 +11,7 @@ import numpy as np
 from ray.exceptions import ActorDiedError
 
 from serve_app.auth.credentials import Principal
-from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo
+from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch
 
 
 def fake_vector(text: str, dims: int) -> np.ndarray:
@@ -35,8 +35,10 @@ class _Method:
 class FakeModelHandle:
     """Stands in for a DeploymentHandle to an EmbeddingModel."""
 
-    def __init__(self, name: str = "fake-model", dims: int = 8, version: str = "1") -> None:
+    def __init__(self, name: str = "fake-model", dims: int = 8, version: str = "1", task: str = "embed") -> None:
         self.name = name
+        self.task = task
+        self.reranked: list[tuple[str, list[str]]] = []
         self.dims = dims
         self.version = version
         self.embedded: list[list[str]] = []
@@ -69,6 +71,27 @@ class FakeModelHandle:
             token_counts=[len(t.split()) + 2 for t in texts],
         )
 
+    async def _rerank(self, query: str, documents: list[str]) -> RerankBatch:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await asyncio.sleep(self.delay_s)
+            if self.fail:
+                raise RuntimeError("replica died")
+            self.reranked.append((query, list(documents)))
+            return RerankBatch(
+                model=self.name,
+                version=self.version,
+                scores=np.array([float(fake_vector(query + d, 1)[0]) for d in documents], dtype=np.float32),
+                token_counts=[len(query.split()) + len(d.split()) + 3 for d in documents],
+            )
+        finally:
+            self.active -= 1
+
+    @property
+    def rerank(self) -> _Method:
+        return _Method(self._rerank)
+
     def _info(self) -> ModelInfo:
         if self.fail:
             raise RuntimeError("replica died")
@@ -79,7 +102,7 @@ class FakeModelHandle:
             source=f"s3://models/{self.name}/{self.version}/",
             manifest_digest="0" * 64,
             framework="fake",
-            task="embed",
+            task=self.task,
             created=0.0,
             loaded_at=time.time(),
             device="cpu",

@@ -16,6 +16,8 @@ from serve_app.model_repository import Manifest
 
 logger = logging.getLogger(__name__)
 
+PINNED_WAIT_S = 3.0  # how long a listing waits for a pinned deployment to say what it serves
+
 router = APIRouter(tags=["models"], dependencies=[Depends(require_infer)], responses=AUTH_ERRORS)
 
 
@@ -69,23 +71,39 @@ def _card_of_manifest(manifest: Manifest, source: str, state: str, versions: lis
 
 async def _cards(services, only: str | None = None) -> list[ModelCard]:
     catalog = services.embeddings.catalog
-    pinned = {name: client for name, client in catalog.pinned.items() if only in (None, name)}
-    infos = {name: await client.info() for name, client in pinned.items()}
+    names = [name for name in catalog.pinned if only in (None, name)]
+    answers = await catalog.pinned_answers(names, wait_s=PINNED_WAIT_S)
+    infos = {name: answer for name, answer in answers.items() if isinstance(answer, ModelInfo)}
     served = {name: info.version for name, info in infos.items()}
     try:
         listing = await catalog.listing() if only is None else {only: await catalog.versions(only)}
     except ServiceUnavailableError as exc:  # the pinned models still answer: list them
-        if only is not None and only not in pinned:
+        if only is not None and only not in catalog.pinned:
             raise  # one unpinned model: that the repository is down is the answer, not a 404
         logger.warning("GET /v1/models without the repository: %s", exc.message)
         listing = {}
     loaded = await pool_loaded(services.clients.redis) if listing else set()
-    cards = [
-        _card_of_info(info, "pinned", _versions(name, listing.get(name, []), served, loaded))
-        for name, info in infos.items()
-    ]
+    cards = []
+    for name, answer in answers.items():
+        versions = _versions(name, listing.get(name, []), served, loaded)
+        if isinstance(answer, ModelInfo):
+            cards.append(_card_of_info(answer, "pinned", versions))
+            continue
+        # Its deployment does not answer (starting, or down): say so, from what it last said or the
+        # repository, rather than failing the whole listing.
+        last = catalog.pinned[name].last_info
+        if last is not None:
+            cards.append(_card_of_info(last, "unavailable", versions))
+        elif listing.get(name):
+            newest = listing[name][-1]
+            source = catalog.repository.uri(name, newest.version) if catalog.repository else ""
+            cards.append(_card_of_manifest(newest, source, "unavailable", versions))
+        elif only is not None:
+            raise answer
+        else:
+            logger.warning("GET /v1/models leaves out %s: %s, and nothing else describes it", name, answer.message)
     for name, manifests in listing.items():
-        if name in pinned or not manifests:
+        if name in catalog.pinned or not manifests:
             continue
         newest = manifests[-1]
         source = catalog.repository.uri(name, newest.version) if catalog.repository else ""

@@ -52,7 +52,7 @@ def tiny(directory, model_class, seed: int, **config):
 def models(settings, tmp_path_factory):
     """An embedding model in two versions and a reranker, pushed under fresh names; deleted after."""
     suffix = uuid.uuid4().hex[:8]
-    names = {"embed": f"itest-embed-{suffix}", "rerank": f"itest-rerank-{suffix}"}
+    names = {"embed": f"itest-embed-{suffix}", "rerank": f"itest-rerank-{suffix}", "broken": f"itest-broken-{suffix}"}
     dirs = {
         "embed:1": tiny(tmp_path_factory.mktemp("embed1"), BertModel, seed=1),
         "embed:2": tiny(tmp_path_factory.mktemp("embed2"), BertModel, seed=2),
@@ -135,6 +135,43 @@ def test_a_new_version_is_what_the_bare_name_means_and_the_old_stays_callable(ap
     pinned = embed(api, f"{settings.default_model}:{settings.default_model_version}", texts)
     assert pinned.status_code == 200
     assert pinned.headers["X-Model-Version"] == settings.default_model_version
+
+
+def pool_holds(settings) -> set[str]:
+    """The model ids the pool's replicas say they hold (the hash GET /v1/models reads)."""
+    import json
+
+    import redis
+
+    from serve_app.embeddings.contract import LOADED_KEY
+
+    with redis.Redis.from_url(settings.redis_url, socket_timeout=5, **settings.redis_options()) as client:
+        return {i for value in client.hgetall(LOADED_KEY).values() for i in json.loads(value)["ids"]}
+
+
+def test_a_version_that_fails_to_load_is_a_clear_503_remembered_and_evicts_nothing(api, settings, models, tmp_path):
+    """Serve's multiplexer evicts before it loads: without loading first, a broken version would cost
+    the replica holding both versions of the embedding model one of them."""
+    names, dirs = models
+    broken = tmp_path / "broken"
+    shutil.copytree(dirs["embed:1"], broken)
+    (broken / "model.safetensors").write_bytes(b"these are not weights " * 64)  # the push does not load them
+    push(broken, names["broken"], "1")
+    good = {f"{names['embed']}:1", f"{names['embed']}:2"}
+    assert good <= pool_holds(settings)  # the test before loaded both
+
+    first = embed(api, names["broken"], ["never embedded"])
+    assert first.status_code == 503, first.text
+    message = first.json()["error"]["message"]
+    assert f"{names['broken']}:1 could not be loaded" in message
+    again = embed(api, f"{names['broken']}:1", ["never embedded"])
+    assert again.status_code == 503
+    assert again.json()["error"]["message"] == message  # remembered, not loaded again
+
+    assert good <= pool_holds(settings)
+    for version in ("1", "2"):
+        still = embed(api, f"{names['embed']}:{version}", [f"after the broken one {uuid.uuid4().hex[:6]}"])
+        assert still.status_code == 200, still.text
 
 
 def settings_listing_ttl(settings) -> float:
@@ -269,15 +306,19 @@ def test_a_reranker_pinned_by_the_serve_config_gets_its_own_deployment(api, sett
     local.deploy(settings, config)
     try:
         deadline = time.monotonic() + 180
+        states = []
         while True:
-            # While the new deployment starts, the listing is a 503 (every pinned model must answer its
-            # info; the new gateway replica pins one that does not yet): wait for it to list the reranker.
+            # While the new deployment starts, the listing still answers: the reranker is "unavailable"
+            # (or not yet pinned by the gateway replica that answered) until its replica says what it serves.
             listing = api.get("/v1/models")
-            cards = {c["id"]: c for c in listing.json()["data"]} if listing.status_code == 200 else {}
-            if cards.get(names["rerank"], {}).get("state") == "pinned":
+            assert listing.status_code == 200, listing.text
+            cards = {c["id"]: c for c in listing.json()["data"]}
+            states.append(cards.get(names["rerank"], {}).get("state"))
+            if states[-1] == "pinned":
                 break
-            assert time.monotonic() < deadline, "the pinned reranker never became ready"
+            assert time.monotonic() < deadline, f"the pinned reranker never became ready: {states}"
             time.sleep(1)
+        assert set(states) <= {"available", "loaded", "unavailable", "pinned"}, states
         documents = [f"pinned {i} {uuid.uuid4().hex[:6]}" for i in range(5)]
         response = api.post("/v1/rerank", json={"model": names["rerank"], "query": QUERY, "documents": documents})
         assert response.status_code == 200, response.text

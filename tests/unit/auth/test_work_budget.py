@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from serve_app.auth.credentials import Principal
 from serve_app.auth.work_budget import WorkBudget, WorkMeter, inflight_key, work_bucket_key
+from serve_app.embeddings.catalog import ModelCatalog
 from serve_app.embeddings.model_client import ModelClient
 from serve_app.embeddings.service import EmbeddingService, estimate_tokens, split_by_tokens
 from serve_app.errors import RateLimitError
@@ -19,6 +20,7 @@ from serve_app.http.api import create_app
 from serve_app.http.container import Services
 from serve_app.http.deps import authenticate
 from serve_app.infra.redis import GuardedRedis
+from serve_app.rerank.service import RerankService
 from serve_app.settings import Settings, get_settings
 from tests.unit.fakes import DictCache, FakeModelHandle, fake_vector
 
@@ -283,6 +285,38 @@ def test_a_failed_request_gives_back_what_it_did_not_use(redis_url):
         return after.headers
 
     assert int(run(scenario())["x-ratelimit-remaining-tokens"]) >= 998
+
+
+def test_rerank_misses_go_in_short_calls_within_the_keys_allowance_too(redis_url):
+    """Reranking is paced as embedding is: pairs in calls of at most call_max_tokens, one call at a time
+    under an in-flight allowance of one call, the whole cost charged up front."""
+
+    async def scenario():
+        handle = FakeModelHandle("fake-reranker", task="rerank")
+        handle.delay_s = 0.02
+        budget = work_budget(redis_url)
+        catalog = ModelCatalog(
+            {handle.name: ModelClient(handle.name, handle, refresh_s=60, timeout_s=5)},
+            None,
+            None,
+            refresh_s=60,
+            timeout_s=5,
+        )
+        reranker = RerankService(catalog, DictCache(), call_max_tokens=32)
+        meter = budget.meter(principal(rate=1, burst=100_000, inflight=32))
+        outcome = await reranker.rerank(handle.name, "a short query", LONG, meter=meter)
+        after = budget.meter(principal(rate=1, burst=100_000))
+        await after.admit(1, 1)
+        await budget.redis.close()
+        return handle, outcome, meter.charged, int(after.headers["x-ratelimit-remaining-tokens"])
+
+    handle, outcome, charged, remaining = run(scenario())
+    assert [len(docs) for _, docs in handle.reranked] == [2] * 5  # 16 tokens a pair (the model's cap), 32 a call
+    assert handle.max_active == 1
+    assert [doc for _, docs in handle.reranked for doc in docs] == LONG
+    assert outcome.scores.shape == (10,)
+    assert charged == 160
+    assert 100_000 - remaining - 1 == charged
 
 
 # -- over HTTP ---------------------------------------------------------------------------------

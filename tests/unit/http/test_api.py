@@ -113,6 +113,54 @@ def test_models_lists_version_and_source(client):
     assert client.get("/v1/models/other").status_code == 404
 
 
+def test_a_pinned_model_that_does_not_answer_is_listed_as_unavailable_not_a_503(app, handle, monkeypatch):
+    """A second pinned deployment starting (or down) must not take GET /v1/models down with it."""
+    import time
+
+    from fastapi import Request
+    from fastapi.testclient import TestClient
+
+    from serve_app.http.deps import authenticate
+    from serve_app.http.routes import models
+    from tests.unit.fakes import CALLER, FakeModelHandle
+
+    monkeypatch.setattr(models, "PINNED_WAIT_S", 0.3)
+    slow = FakeModelHandle("slow-model")
+    services = app.state.services
+    catalog = services.embeddings.catalog
+    catalog.pinned[slow.name] = type(catalog.pinned[handle.name])(slow.name, slow, refresh_s=0, timeout_s=5)
+
+    async def as_caller(request: Request):
+        request.state.principal = CALLER
+        return CALLER
+
+    app.dependency_overrides[authenticate] = as_caller
+    with TestClient(app) as client:
+        first = client.get("/v1/models")
+        assert first.status_code == 200, first.text
+        assert [c["state"] for c in first.json()["data"]] == ["pinned", "pinned"]
+        slow.fail = True  # its replicas die: it was seen once, so its card stays, marked
+        listed = client.get("/v1/models")
+        assert listed.status_code == 200, listed.text
+        assert [(c["id"], c["state"]) for c in listed.json()["data"]] == [
+            ("fake-model", "pinned"),
+            ("slow-model", "unavailable"),
+        ]
+        assert client.get("/v1/models/slow-model").json()["state"] == "unavailable"
+        slow.fail, slow.delay_s = False, 30.0  # a deployment that hangs: the listing waits a bounded time
+
+        async def hang():
+            import asyncio
+
+            await asyncio.sleep(30)
+
+        slow._info = hang
+        started = time.monotonic()
+        listed = client.get("/v1/models")
+        assert time.monotonic() - started < 5
+        assert [c["state"] for c in listed.json()["data"]] == ["pinned", "unavailable"]
+
+
 def test_docs_are_served(client):
     assert client.get("/docs").status_code == 200
     assert "/v1/embeddings" in client.get("/openapi.json").json()["paths"]
