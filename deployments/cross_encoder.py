@@ -19,6 +19,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from deployments.encoder import forward_by_length
+
 
 @dataclass(frozen=True)
 class Scored:
@@ -54,16 +56,10 @@ class CrossEncoder:
         self.max_tokens = min(max_tokens, usable_positions(self.model.config, self.tokenizer))
 
     def score(self, pairs: list[tuple[str, str]]) -> Scored:
-        """Scores in the order given; sorted by length so each forward pass pads as little as possible."""
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]), reverse=True)
-        scores = np.empty(len(pairs), dtype=np.float32)
-        token_counts = [0] * len(pairs)
-        for start in range(0, len(order), self.forward_batch_size):
-            chunk = order[start : start + self.forward_batch_size]
-            chunk_scores, chunk_tokens = self._forward([pairs[i] for i in chunk])
-            scores[chunk] = chunk_scores
-            for i, count in zip(chunk, chunk_tokens, strict=True):
-                token_counts[i] = count
+        """Scores in the order given."""
+        scores, token_counts = forward_by_length(
+            pairs, [len(q) + len(d) for q, d in pairs], self.forward_batch_size, self._forward, ()
+        )
         return Scored(scores=scores, token_counts=token_counts)
 
     @torch.inference_mode()

@@ -14,12 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve import metrics
 
-from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch, per_request
+from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch, items_in, joined, run_batch
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
 
@@ -65,10 +64,6 @@ class LoadedModel:
     @property
     def max_tokens(self) -> int:
         return self.encoder.max_tokens if self.manifest.task == "rerank" else self.encoder.spec.max_seq_length
-
-
-def _texts_in(requests: list[list[str]]) -> int:
-    return sum(len(texts) for texts in requests)
 
 
 @serve.deployment(
@@ -177,77 +172,45 @@ class EmbeddingModel:
 
     async def embed(self, texts: list[str]) -> EmbeddingBatch:
         """Embeddings of texts, in order; long lists are split so each part fits one batch."""
-        parts = await asyncio.gather(*(self._embed_part(part) for part in self._split(texts)))
-        versions = {p.version for p in parts}
-        if len(versions) > 1:  # a version swap landed between parts: answer from one version
-            return await self.embed(texts)
-        return EmbeddingBatch(
-            model=self.model_name,
-            version=parts[0].version,
-            vectors=parts[0].vectors if len(parts) == 1 else np.concatenate([p.vectors for p in parts]),
-            token_counts=[n for p in parts for n in p.token_counts],
-        )
-
-    def _split(self, texts: list[str]) -> list[list[str]]:
-        step = self.config.max_batch_texts
-        return [texts[i : i + step] for i in range(0, len(texts), step)]
-
-    async def _embed_part(self, texts: list[str]) -> EmbeddingBatch:
-        try:
-            return await self._embed_batch(texts)
-        except RuntimeError:
-            # max_batch_texts shrank after this part was cut: Serve refuses it; cut it again.
-            if len(texts) <= self.config.max_batch_texts:
-                raise
-            return await self.embed(texts)
+        return await self._answer("embed", texts)
 
     async def rerank(self, query: str, documents: list[str]) -> RerankBatch:
         """Scores of documents against the query, in order (a rerank model); long lists are split."""
-        parts = await asyncio.gather(
-            *(self._rerank_batch([(query, d) for d in part]) for part in self._split(documents))
-        )
-        if len({p.version for p in parts}) > 1:  # a version swap landed between parts
-            return await self.rerank(query, documents)
-        return RerankBatch(
-            model=self.model_name,
-            version=parts[0].version,
-            scores=np.concatenate([p.scores for p in parts]),
-            token_counts=[n for p in parts for n in p.token_counts],
-        )
+        return await self._answer("rerank", [(query, d) for d in documents])
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_texts_in)
-    async def _rerank_batch(self, requests: list[list[tuple[str, str]]]) -> list[RerankBatch]:
-        loaded = self._require_loaded("rerank")
-        flat = [pair for pairs in requests for pair in pairs]
-        scored = await asyncio.to_thread(loaded.encoder.score, flat)
-        self.texts_counter.inc(len(flat))
-        self.batch_texts.observe(len(flat))
-        return per_request(
-            requests,
-            lambda part: RerankBatch(
-                model=self.model_name,
-                version=loaded.manifest.version,
-                scores=scored.scores[part],
-                token_counts=scored.token_counts[part],
-            ),
-        )
+    async def _answer(self, task: str, items: list) -> EmbeddingBatch | RerankBatch:
+        parts = await asyncio.gather(*(self._part(task, part) for part in self._split(items)))
+        if len({p.version for p in parts}) > 1:  # a version swap landed between parts: answer from one version
+            return await self._answer(task, items)
+        return joined(parts)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_texts_in)
+    def _split(self, items: list) -> list[list]:
+        step = self.config.max_batch_texts
+        return [items[i : i + step] for i in range(0, len(items), step)]
+
+    async def _part(self, task: str, items: list) -> EmbeddingBatch | RerankBatch:
+        try:
+            return await (self._rerank_batch if task == "rerank" else self._embed_batch)(items)
+        except RuntimeError:
+            # max_batch_texts shrank after this part was cut: Serve refuses it; cut it again.
+            if len(items) <= self.config.max_batch_texts:
+                raise
+            return await self._answer(task, items)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=items_in)
     async def _embed_batch(self, requests: list[list[str]]) -> list[EmbeddingBatch]:
-        loaded = self._require_loaded("embed")
-        flat = [text for texts in requests for text in texts]
-        encoded = await asyncio.to_thread(loaded.encoder.encode, flat)
-        self.texts_counter.inc(len(flat))
-        self.batch_texts.observe(len(flat))
-        return per_request(
-            requests,
-            lambda part: EmbeddingBatch(
-                model=self.model_name,
-                version=loaded.manifest.version,
-                vectors=encoded.vectors[part],
-                token_counts=encoded.token_counts[part],
-            ),
-        )
+        return await self._run("embed", requests)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=items_in)
+    async def _rerank_batch(self, requests: list[list[tuple[str, str]]]) -> list[RerankBatch]:
+        return await self._run("rerank", requests)
+
+    async def _run(self, task: str, requests: list) -> list:
+        loaded = self._require_loaded(task)
+        size = items_in(requests)
+        self.texts_counter.inc(size)
+        self.batch_texts.observe(size)
+        return await run_batch(loaded.encoder, task, self.model_name, loaded.manifest.version, requests)
 
     def _require_loaded(self, task: str | None = None) -> LoadedModel:
         if self.loaded is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,22 @@ class EncoderSpec:
         return cls(pooling=pooling, normalize=normalize, max_seq_length=max_seq_length)
 
 
+def forward_by_length(
+    items: list, lengths: list[int], batch_size: int, forward: Callable, shape: tuple[int, ...]
+) -> tuple[np.ndarray, list[int]]:
+    """`forward` over items in passes of batch_size, longest first so each pass pads as little as possible;
+    (its values, of `shape` each, and token counts) in the order given."""
+    order = sorted(range(len(items)), key=lengths.__getitem__, reverse=True)
+    values = np.empty((len(items), *shape), dtype=np.float32)
+    token_counts = [0] * len(items)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        values[chunk], chunk_tokens = forward([items[i] for i in chunk])
+        for i, count in zip(chunk, chunk_tokens, strict=True):
+            token_counts[i] = count
+    return values, token_counts
+
+
 @dataclass(frozen=True)
 class Encoded:
     vectors: np.ndarray  # float32, shape (n, dims)
@@ -75,16 +92,10 @@ class SentenceEncoder:
         self.dims = int(self.model.config.hidden_size)
 
     def encode(self, texts: list[str]) -> Encoded:
-        """Embed texts; sorted by length so each forward pass pads as little as possible."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        vectors = np.empty((len(texts), self.dims), dtype=np.float32)
-        token_counts = [0] * len(texts)
-        for start in range(0, len(order), self.forward_batch_size):
-            chunk = order[start : start + self.forward_batch_size]
-            chunk_vectors, chunk_tokens = self._forward([texts[i] for i in chunk])
-            vectors[chunk] = chunk_vectors
-            for i, count in zip(chunk, chunk_tokens, strict=True):
-                token_counts[i] = count
+        """Embed texts, in the order given."""
+        vectors, token_counts = forward_by_length(
+            texts, [len(t) for t in texts], self.forward_batch_size, self._forward, (self.dims,)
+        )
         return Encoded(vectors=vectors, token_counts=token_counts)
 
     @torch.inference_mode()

@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-import numpy as np
 from ray import serve
 from ray.serve import metrics
 
@@ -38,7 +37,9 @@ from serve_app.embeddings.contract import (
     ModelInfo,
     ModelLoadError,
     RerankBatch,
-    per_request,
+    items_in,
+    joined,
+    run_batch,
 )
 from serve_app.infra.redis import GuardedRedis
 from serve_app.model_repository import Manifest, ModelRepository, check_name
@@ -147,10 +148,6 @@ class StagedLoads(Generic[M]):
         return None if staged is None else staged[1]
 
 
-def _size(requests: list) -> int:
-    return sum(len(items) for items in requests)
-
-
 @serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.25})
 class ModelPool:
     """Serves whatever `name:version` each request's multiplexed model id names."""
@@ -219,61 +216,24 @@ class ModelPool:
 
     async def embed(self, texts: list[str]) -> EmbeddingBatch:
         parts = [texts[i : i + MAX_BATCH] for i in range(0, len(texts), MAX_BATCH)]
-        batches = await asyncio.gather(*(self._embed_batch(part) for part in parts))
-        first = batches[0]
-        if len(batches) == 1:
-            return first
-        return EmbeddingBatch(
-            model=first.model,
-            version=first.version,
-            vectors=np.concatenate([b.vectors for b in batches]),
-            token_counts=[n for b in batches for n in b.token_counts],
-        )
+        return joined(await asyncio.gather(*(self._embed_batch(part) for part in parts)))
 
     async def rerank(self, query: str, documents: list[str]) -> RerankBatch:
         parts = [documents[i : i + MAX_BATCH] for i in range(0, len(documents), MAX_BATCH)]
-        batches = await asyncio.gather(*(self._rerank_batch([(query, d) for d in part]) for part in parts))
-        first = batches[0]
-        if len(batches) == 1:
-            return first
-        return RerankBatch(
-            model=first.model,
-            version=first.version,
-            scores=np.concatenate([b.scores for b in batches]),
-            token_counts=[n for b in batches for n in b.token_counts],
-        )
+        return joined(await asyncio.gather(*(self._rerank_batch([(query, d) for d in part]) for part in parts)))
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_size)
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=items_in)
     async def _embed_batch(self, requests: list[list[str]]) -> list[EmbeddingBatch]:
-        model = await self._model("embed")  # Ray splits batches by model id: one model here
-        flat = [text for texts in requests for text in texts]
-        encoded = await asyncio.to_thread(model.engine.encode, flat)
-        self.texts_counter.inc(len(flat), tags={"model": model.manifest.name, "task": "embed"})
-        return per_request(
-            requests,
-            lambda part: EmbeddingBatch(
-                model=model.manifest.name,
-                version=model.manifest.version,
-                vectors=encoded.vectors[part],
-                token_counts=encoded.token_counts[part],
-            ),
-        )
+        return await self._run("embed", requests)
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=_size)
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=items_in)
     async def _rerank_batch(self, requests: list[list[tuple[str, str]]]) -> list[RerankBatch]:
-        model = await self._model("rerank")
-        flat = [pair for pairs in requests for pair in pairs]
-        scored = await asyncio.to_thread(model.engine.score, flat)
-        self.texts_counter.inc(len(flat), tags={"model": model.manifest.name, "task": "rerank"})
-        return per_request(
-            requests,
-            lambda part: RerankBatch(
-                model=model.manifest.name,
-                version=model.manifest.version,
-                scores=scored.scores[part],
-                token_counts=scored.token_counts[part],
-            ),
-        )
+        return await self._run("rerank", requests)
+
+    async def _run(self, task: str, requests: list) -> list:
+        model = await self._model(task)  # Ray splits batches by model id: one model here
+        self.texts_counter.inc(items_in(requests), tags={"model": model.manifest.name, "task": task})
+        return await run_batch(model.engine, task, model.manifest.name, model.manifest.version, requests)
 
     async def __del__(self) -> None:
         if self._publisher is not None:

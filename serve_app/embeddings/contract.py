@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -61,16 +62,21 @@ def model_id(name: str, version: str) -> str:
     return f"{name}:{version}"
 
 
-# A Redis hash: each on-demand pool replica's id -> {"ids": the model ids it holds, "at": when it said so}.
 class ModelLoadError(Exception):
     """A model version the pool could not load (its files, its weights): the message says why."""
 
 
+# A Redis hash: each on-demand pool replica's id -> {"ids": the model ids it holds, "at": when it said so}.
 LOADED_KEY = "pool:loaded"
 LOADED_TTL_S = 30  # an entry older than this is a replica that stopped saying (it died)
 
 
 T = TypeVar("T")
+
+
+def items_in(requests: Sequence[Sequence[object]]) -> int:
+    """The size of a batch of requests in items (texts, or pairs): @serve.batch's batch_size_fn."""
+    return sum(len(items) for items in requests)
 
 
 def per_request(requests: Sequence[Sequence[object]], result_of: Callable[[slice], T]) -> list[T]:
@@ -80,3 +86,36 @@ def per_request(requests: Sequence[Sequence[object]], result_of: Callable[[slice
         results.append(result_of(slice(start, start + len(items))))
         start += len(items)
     return results
+
+
+Batch = EmbeddingBatch | RerankBatch
+ENGINE_METHOD = {"embed": "encode", "rerank": "score"}  # SentenceEncoder.encode, CrossEncoder.score
+
+
+def batch_of(task: str, model: str, version: str, values: np.ndarray, token_counts: list[int]) -> Batch:
+    """The batch type of a task: vectors for embed, scores for rerank."""
+    if task == "rerank":
+        return RerankBatch(model=model, version=version, scores=values, token_counts=token_counts)
+    return EmbeddingBatch(model=model, version=version, vectors=values, token_counts=token_counts)
+
+
+async def run_batch(engine, task: str, model: str, version: str, requests: Sequence[Sequence[object]]) -> list[Batch]:
+    """One forward pass of a model engine over every request's items (texts, or (query, document) pairs),
+    off the event loop, cut back into a batch per request."""
+    flat = [item for items in requests for item in items]
+    out = await asyncio.to_thread(getattr(engine, ENGINE_METHOD[task]), flat)
+    values = out.scores if task == "rerank" else out.vectors
+    return per_request(requests, lambda part: batch_of(task, model, version, values[part], out.token_counts[part]))
+
+
+B = TypeVar("B", EmbeddingBatch, RerankBatch)
+
+
+def joined(parts: Sequence[B]) -> B:
+    """One batch from the consecutive parts of a request, answered by one model version."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    field = "scores" if isinstance(first, RerankBatch) else "vectors"
+    values = np.concatenate([getattr(p, field) for p in parts])
+    return replace(first, **{field: values}, token_counts=[n for p in parts for n in p.token_counts])

@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
 from ray.serve.handle import DeploymentHandle
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from serve_app.auth.work_budget import WorkMeter
 
 Item = TypeVar("Item")
+Value = TypeVar("Value")
 DEFAULT_MAX_TOKENS = 256  # the model's own truncation, when it does not say
 # Characters that WordPiece/BPE tokenizers tend to make a token of each: punctuation, symbols,
 # anything not ASCII (CJK, emoji). Counted only in texts short enough for it to matter.
@@ -164,6 +165,58 @@ async def _paced(calls, meter: WorkMeter, first_lease: str | None, send, on_done
 
 
 @dataclass(frozen=True)
+class Answer(Generic[Item, Value]):
+    client: ModelClient  # what answered (another client when the version asked for moved)
+    version: str
+    found: dict[Item, Value]  # what the cache gave that the answer uses
+    results: dict[Item, Value]  # every unique item's result
+
+
+async def answer_from_one_version(
+    spec: str,
+    client: ModelClient,
+    version: str,
+    unique: list[Item],
+    found: dict[Item, Value],
+    compute: Callable[[ModelClient, list[Item], bool], Awaitable[tuple[dict[Item, Value], set[str]]]],
+    resolve: Callable[[str], Awaitable[ModelClient]],
+) -> Answer[Item, Value]:
+    """The cache misses computed, and the whole answer from one model version, whatever switches meanwhile.
+
+    `found` is what the cache held for `version`; `compute(client, items, charge)` gives results and
+    the versions that made them. When the model answered with another version: a request that named
+    its version is asked again from the start of whatever serves that version now (a promote moved
+    it to the pool), never answered by another; a bare name is answered wholly by the new version
+    (what the cache gave belongs to the old one).
+    """
+    misses = [item for item in unique if item not in found]
+    results = dict(found)
+    if not misses:
+        return Answer(client, version, found, results)
+    computed, versions = await compute(client, misses, True)
+    if versions != {version} and parse_model(spec)[1] is not None:
+        client.forget_info()
+        client = await resolve(spec)
+        if (await client.info(refresh=True)).version != version:
+            raise ServiceUnavailableError(f"model {spec!r} is switching versions; try again")
+        computed, versions = await compute(client, unique, False)
+        if versions != {version}:
+            raise ServiceUnavailableError(f"model {spec!r} is switching versions; try again")
+        found, results = {}, {}
+    elif versions != {version}:
+        client.forget_info()
+        if found or len(versions) > 1:
+            found = {}
+            computed, versions = await compute(client, unique, False)
+            if len(versions) > 1:
+                raise ServiceUnavailableError(f"model {spec!r} is switching versions; try again")
+        (version,) = versions
+        results = {}
+    results.update(computed)
+    return Answer(client, version, found, results)
+
+
+@dataclass(frozen=True)
 class EmbeddingOutcome:
     model: str
     version: str
@@ -247,34 +300,13 @@ class EmbeddingService:
             for text, blob in zip(unique, await self.cache.get_many(keys), strict=True)
             if blob is not None and len(blob) == expected_size  # anything else is not ours: a miss
         }
-        misses = [text for text in unique if text not in found]
-        results: Computed = dict(found)
-        if misses:
-            max_tokens = info.max_seq_length or DEFAULT_MAX_TOKENS
-            computed, versions = await self._compute(client, misses, max_tokens, meter, charge=True)
-            if versions != {version} and parse_model(model_name)[1] is not None:
-                # A version was asked for, and the deployment that served it moved on (a promote under
-                # way): it is served on demand now. Ask again, from the start; never answer with another.
-                client.forget_info()
-                client = await self.model(model_name)
-                if (await client.info(refresh=True)).version != version:
-                    raise ServiceUnavailableError(f"model {model_name!r} is switching versions; try again")
-                computed, versions = await self._compute(client, unique, max_tokens, meter, charge=False)
-                if versions != {version}:
-                    raise ServiceUnavailableError(f"model {model_name!r} is switching versions; try again")
-                found, results = {}, {}
-            elif versions != {version}:
-                # The model switched version since we last asked: what the cache gave us belongs
-                # to the old one, so the whole request is answered by the new one.
-                client.forget_info()
-                if found or len(versions) > 1:
-                    found = {}
-                    computed, versions = await self._compute(client, unique, max_tokens, meter, charge=False)
-                    if len(versions) > 1:
-                        raise ServiceUnavailableError(f"model {model_name!r} is switching versions; try again")
-                (version,) = versions
-                results = {}
-            results.update(computed)
+        max_tokens = info.max_seq_length or DEFAULT_MAX_TOKENS
+
+        async def compute(on: ModelClient, items: list[str], charge: bool) -> tuple[Computed, set[str]]:
+            return await self._compute(on, items, max_tokens, meter, charge=charge)
+
+        answer = await answer_from_one_version(model_name, client, version, unique, found, compute, self.model)
+        client, version, found, results = answer.client, answer.version, answer.found, answer.results
         return EmbeddingOutcome(
             model=client.name,
             version=version,

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from serve_app.embeddings.cache import ResultCache
-from serve_app.embeddings.catalog import ModelCatalog, parse_model
+from serve_app.embeddings.catalog import ModelCatalog
 from serve_app.embeddings.contract import RerankBatch
-from serve_app.embeddings.service import DEFAULT_MAX_TOKENS, estimate_tokens, metered_calls
-from serve_app.errors import ServiceUnavailableError
+from serve_app.embeddings.model_client import ModelClient
+from serve_app.embeddings.service import DEFAULT_MAX_TOKENS, answer_from_one_version, estimate_tokens, metered_calls
 
 if TYPE_CHECKING:
     from serve_app.auth.work_budget import WorkMeter
@@ -68,31 +68,16 @@ class RerankService:
             for doc, blob in zip(unique, await self.cache.get_many(keys), strict=True)
             if blob is not None and len(blob) == _SCORE.size
         }
-        misses = [d for d in unique if d not in found]
-        results: Scored = dict(found)
-        if misses:
-            max_tokens = info.max_seq_length or DEFAULT_MAX_TOKENS
-            computed, versions = await self._compute(client, query, misses, max_tokens, meter, charge=True)
-            if versions != {version} and parse_model(spec)[1] is not None:
-                # The version asked for moved from its deployment to the pool (see EmbeddingService.embed).
-                client.forget_info()
-                client = (await self.catalog.resolve(spec, "rerank")).client
-                if (await client.info(refresh=True)).version != version:
-                    raise ServiceUnavailableError(f"model {spec!r} is switching versions; try again")
-                computed, versions = await self._compute(client, query, unique, max_tokens, meter, charge=False)
-                if versions != {version}:
-                    raise ServiceUnavailableError(f"model {spec!r} is switching versions; try again")
-                found, results = {}, {}
-            elif versions != {version}:  # the model switched version: answer wholly from the new one
-                client.forget_info()
-                if found or len(versions) > 1:
-                    found = {}
-                    computed, versions = await self._compute(client, query, unique, max_tokens, meter, charge=False)
-                    if len(versions) > 1:
-                        raise ServiceUnavailableError(f"model {spec!r} is switching versions; try again")
-                (version,) = versions
-                results = {}
-            results.update(computed)
+        max_tokens = info.max_seq_length or DEFAULT_MAX_TOKENS
+
+        async def compute(on: ModelClient, docs: list[str], charge: bool) -> tuple[Scored, set[str]]:
+            return await self._compute(on, query, docs, max_tokens, meter, charge=charge)
+
+        async def resolve(model: str) -> ModelClient:
+            return (await self.catalog.resolve(model, "rerank")).client
+
+        answer = await answer_from_one_version(spec, client, version, unique, found, compute, resolve)
+        client, version, found, results = answer.client, answer.version, answer.found, answer.results
         return RerankOutcome(
             model=client.name,
             version=version,
