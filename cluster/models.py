@@ -28,6 +28,7 @@ from tqdm import tqdm
 from cluster.settings import ClusterSettings
 from serve_app.embeddings.contract import pinned_deployment
 from serve_app.model_repository import (
+    MANIFEST,
     TASKS,
     Manifest,
     ManifestFile,
@@ -37,6 +38,7 @@ from serve_app.model_repository import (
     VersionNotFoundError,
     check_name,
     describe_model,
+    sha256_of,
 )
 
 
@@ -93,18 +95,60 @@ def push(
     *,
     task: str | None = None,
     show_progress: bool = False,
+    onnx: bool = True,
 ) -> Manifest:
     """Push a model directory as name:version (idempotent: the same files again change nothing); the
-    task is read from the directory (a cross-encoder reranks, anything else embeds) unless given."""
+    task is read from the directory (a cross-encoder reranks, anything else embeds) unless given.
+
+    With `onnx`, the transformer is exported to ONNX and checked against torch first
+    (deployments/onnx_backend.py), and the export goes up beside the weights; a failed check
+    pushes nothing. Pushing the same directory again finds the version it made and exports nothing.
+    """
     described = describe_model(local_dir, task)
-    total = sum(p.stat().st_size for p in local_dir.rglob("*") if p.is_file())
+    repository = ModelRepository.from_settings(settings)
+    staging = None
+    directory = local_dir
+    if onnx:
+        existing = _same_version(repository, local_dir, name, version)
+        if existing is not None:
+            return existing
+        from deployments.onnx_backend import exported_directory
+
+        if show_progress:
+            print("exporting to ONNX and checking it against torch ...", file=sys.stderr, flush=True)
+        directory, described["onnx_max_difference"], staging = exported_directory(local_dir, described["task"])
+        if show_progress:
+            print(f"ONNX export checked: max difference {described['onnx_max_difference']:.1e}", file=sys.stderr)
+    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     bars = _Bars(total, show_progress)
     try:
-        return ModelRepository.from_settings(settings).push(
-            local_dir, name, version, progress=bars.for_file, **described
-        )
+        return repository.push(directory, name, version, progress=bars.for_file, **described)
     finally:
         bars.close()
+        if staging is not None:
+            staging.cleanup()
+
+
+def _same_version(repository: ModelRepository, local_dir: Path, name: str, version: str) -> Manifest | None:
+    """name:version when it already holds local_dir's files (and the ONNX export a push added); None when
+    there is no such version; VersionConflictError when it holds other files."""
+    from deployments.onnx_backend import ONNX_FILE
+
+    try:
+        existing = repository.manifest(name, version)
+    except VersionNotFoundError:
+        return None  # a new version (or a deleted one: the push says whether these files may return)
+    local = {p.relative_to(local_dir).as_posix(): p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST}
+    stored = {f.path: f for f in existing.files if f.path != ONNX_FILE or ONNX_FILE in local}
+    same = set(local) == set(stored) and all(
+        p.stat().st_size == stored[k].size and sha256_of(p) == stored[k].sha256 for k, p in local.items()
+    )
+    if not same:  # said before the export, not after it
+        raise VersionConflictError(
+            f"{repository.uri(name, version)} already holds other files (digest {existing.digest[:12]}); "
+            "versions are immutable: push these as a new version"
+        )
+    return existing
 
 
 def served_versions(settings: ClusterSettings) -> set[tuple[str, str]] | None:
@@ -333,6 +377,9 @@ def main(argv: list[str], settings: ClusterSettings) -> int:
     push_cmd.add_argument("--version", required=True)
     push_cmd.add_argument("--task", choices=TASKS, help="what the model does (default: read from its config.json)")
     push_cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
+    push_cmd.add_argument(
+        "--no-onnx", action="store_true", help="no ONNX export: replicas serve this version with torch only"
+    )
     commands.add_parser("list", help="every model version in the repository")
     show_cmd = commands.add_parser("show", help="a model's versions, or one version's manifest")
     show_cmd.add_argument("spec", metavar="NAME[:VERSION]")
@@ -356,7 +403,13 @@ def main(argv: list[str], settings: ClusterSettings) -> int:
                 parser.error("give a model directory or --from-package PKG (one of them)")
             local_dir = package_model_dir(args.from_package) if args.from_package else args.directory
             manifest = push(
-                settings, local_dir, args.name, args.version, task=args.task, show_progress=not args.no_progress
+                settings,
+                local_dir,
+                args.name,
+                args.version,
+                task=args.task,
+                show_progress=not args.no_progress,
+                onnx=not args.no_onnx,
             )
             location = ModelRepository.from_settings(settings).uri(manifest.name, manifest.version)
             _print(args, _row(manifest, None) | {"files": len(manifest.files)}, f"pushed {location}")

@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from deployments.encoder import forward_by_length
+from deployments.encoder import forward_by_length, transformer
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,27 @@ def usable_positions(config, tokenizer) -> int:
 class CrossEncoder:
     """Relevance scores of (query, document) pairs on one torch device."""
 
-    def __init__(self, model_dir: Path, device: str = "cpu", forward_batch_size: int = 32, max_tokens: int = 512):
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str = "cpu",
+        forward_batch_size: int = 32,
+        max_tokens: int = 512,
+        *,
+        backend: str = "torch",
+        onnx_path: Path | None = None,
+        threads: int | None = None,
+    ):
         self.device = torch.device(device)
         self.forward_batch_size = forward_batch_size
+        self.backend = backend
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(self.device).eval()
-        if self.model.config.num_labels != 1:
-            raise ValueError(f"{model_dir}: a reranker has one label, this model has {self.model.config.num_labels}")
-        self.max_tokens = min(max_tokens, usable_positions(self.model.config, self.tokenizer))
+        self.transformer, config = transformer(
+            model_dir, AutoModelForSequenceClassification, self.device, backend, onnx_path, threads
+        )
+        if config.num_labels != 1:
+            raise ValueError(f"{model_dir}: a reranker has one label, this model has {config.num_labels}")
+        self.max_tokens = min(max_tokens, usable_positions(config, self.tokenizer))
 
     def score(self, pairs: list[tuple[str, str]]) -> Scored:
         """Scores in the order given."""
@@ -72,6 +85,6 @@ class CrossEncoder:
             max_length=self.max_tokens,
             return_tensors="pt",
         ).to(self.device)
-        logits = self.model(**batch).logits[:, 0]
+        logits = self.transformer(batch)[:, 0]
         token_counts = batch["attention_mask"].sum(dim=1).tolist()
         return torch.sigmoid(logits).float().cpu().numpy(), token_counts

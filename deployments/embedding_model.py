@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -36,8 +35,15 @@ class ModelConfig(BaseModel):
     max_batch_texts: int = Field(64, ge=1, description="Texts per batch, summed over the requests in it.")
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     forward_batch_size: int = Field(32, ge=1, description="Texts per forward pass within a batch.")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: Ray's num_cpus.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads (torch or ONNX Runtime); default: Ray's num_cpus."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto",
+        description="auto: ONNX Runtime on CPU for a version with a checked ONNX export, torch otherwise "
+        "(and always on CUDA).",
+    )
     previous_version: str | None = Field(None, description="What `models rollback` returns to.")
     canary_version: str | None = Field(
         None, description="Another version of this model, served on demand to canary_percent of the requests."
@@ -104,6 +110,8 @@ class EmbeddingModel:
             or config.version != self.config.version
             or config.device != self.config.device
             or config.forward_batch_size != self.config.forward_batch_size
+            or config.backend != self.config.backend
+            or (self.loaded.encoder.backend == "onnx" and config.torch_threads != self.config.torch_threads)
         )
         if needs_load:
             loaded = await asyncio.to_thread(self._load, config)
@@ -117,29 +125,22 @@ class EmbeddingModel:
             logger.info("serving %s version %s from %s", self.model_name, config.version, loaded.source)
 
     def _load(self, config: ModelConfig) -> LoadedModel:
-        import torch
+        from deployments.engines import build_engine
 
-        from deployments.cross_encoder import CrossEncoder
-        from deployments.encoder import SentenceEncoder
-
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         local_dir, manifest = self.repository.fetch(
             self.model_name,
             config.version,
             self.settings.weights_cache_dir,
             max_bytes=self.settings.weights_cache_max_bytes,
         )
-        if manifest.task == "rerank":
-            encoder = CrossEncoder(
-                local_dir,
-                device=device,
-                forward_batch_size=config.forward_batch_size,
-                max_tokens=manifest.max_tokens or 512,
-            )
-        else:
-            encoder = SentenceEncoder(local_dir, device=device, forward_batch_size=config.forward_batch_size)
+        encoder = build_engine(
+            local_dir,
+            manifest,
+            device=config.device,
+            backend=config.backend,
+            forward_batch_size=config.forward_batch_size,
+            threads=config.torch_threads,
+        )
         return LoadedModel(
             manifest=manifest,
             source=self.repository.uri(self.model_name, config.version),
@@ -165,6 +166,7 @@ class EmbeddingModel:
             created=loaded.manifest.created.timestamp(),
             loaded_at=loaded.loaded_at,
             device=str(loaded.encoder.device),
+            backend=loaded.encoder.backend,
             max_seq_length=loaded.max_tokens,
             canary_version=self.config.canary_version if self.config.canary_percent > 0 else None,
             canary_percent=self.config.canary_percent if self.config.canary_version else 0.0,
@@ -224,4 +226,6 @@ def _set_torch_threads(threads: int | None) -> None:
     """torch intra-op threads: the config's, else as many as Ray gave the replica (OMP_NUM_THREADS)."""
     import torch
 
-    torch.set_num_threads(threads or max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
+    from deployments.engines import intra_op_threads
+
+    torch.set_num_threads(intra_op_threads(threads))

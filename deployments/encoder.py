@@ -74,6 +74,28 @@ def forward_by_length(
     return values, token_counts
 
 
+def transformer(model_dir: Path, model_class, device, backend: str, onnx_path: Path | None, threads: int | None):
+    """(a callable from the tokenizer's batch to the transformer's first output, the model's config), run
+    by torch or by ONNX Runtime (deployments/onnx_backend.py) on the export beside the weights."""
+    from transformers import AutoConfig
+
+    if backend == "onnx":
+        from deployments.onnx_backend import ONNX_FILE, OnnxRunner
+
+        if device.type != "cpu":
+            raise ValueError(f"backend onnx runs on CPU here, not {device}")
+        return OnnxRunner(onnx_path or model_dir / ONNX_FILE, threads), AutoConfig.from_pretrained(model_dir)
+    if backend != "torch":
+        raise ValueError(f"backend {backend!r} is not torch or onnx")
+    model = model_class.from_pretrained(model_dir).to(device).eval()
+
+    def forward(batch) -> torch.Tensor:
+        out = model(**batch)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    return forward, model.config
+
+
 @dataclass(frozen=True)
 class Encoded:
     vectors: np.ndarray  # float32, shape (n, dims)
@@ -83,13 +105,23 @@ class Encoded:
 class SentenceEncoder:
     """Turns texts into sentence embeddings on one torch device."""
 
-    def __init__(self, model_dir: Path, device: str = "cpu", forward_batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str = "cpu",
+        forward_batch_size: int = 32,
+        *,
+        backend: str = "torch",
+        onnx_path: Path | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.spec = EncoderSpec.from_directory(model_dir)
         self.device = torch.device(device)
         self.forward_batch_size = forward_batch_size
+        self.backend = backend
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModel.from_pretrained(model_dir).to(self.device).eval()
-        self.dims = int(self.model.config.hidden_size)
+        self.transformer, config = transformer(model_dir, AutoModel, self.device, backend, onnx_path, threads)
+        self.dims = int(config.hidden_size)
 
     def encode(self, texts: list[str]) -> Encoded:
         """Embed texts, in the order given."""
@@ -107,7 +139,7 @@ class SentenceEncoder:
             max_length=self.spec.max_seq_length,
             return_tensors="pt",
         ).to(self.device)
-        hidden = self.model(**batch).last_hidden_state
+        hidden = self.transformer(batch)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         if self.spec.pooling == "cls":
             pooled = hidden[:, 0]

@@ -73,26 +73,19 @@ class PoolModel:
             created=self.manifest.created.timestamp(),
             loaded_at=self.loaded_at,
             device=str(engine.device),
+            backend=engine.backend,
             max_seq_length=int(getattr(engine, "max_tokens", 0) or engine.spec.max_seq_length),
         )
 
 
 def load_pool_model(repository: ModelRepository, settings, name: str, version: str, device: str) -> PoolModel:
     """Fetch name:version into the node cache and build the engine its task needs."""
-    import torch
+    from deployments.engines import build_engine
 
-    from deployments.cross_encoder import CrossEncoder
-    from deployments.encoder import SentenceEncoder
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     local_dir, manifest = repository.fetch(
         name, version, settings.weights_cache_dir, max_bytes=settings.weights_cache_max_bytes
     )
-    if manifest.task == "rerank":
-        engine = CrossEncoder(local_dir, device=device, max_tokens=manifest.max_tokens or 512)
-    else:
-        engine = SentenceEncoder(local_dir, device=device)
+    engine = build_engine(local_dir, manifest, device=device)
     return PoolModel(manifest=manifest, source=repository.uri(name, version), engine=engine, loaded_at=time.time())
 
 

@@ -84,6 +84,9 @@ class Manifest(BaseModel):
     created: datetime
     max_tokens: int | None = None  # the longest input the model reads (longer ones are truncated)
     pooling: str | None = None  # how token vectors become one (mean, cls, max); embed models only
+    # The largest difference between ONNX Runtime and torch on the push-time check texts, when the
+    # version carries a checked export (onnx/model.onnx); None: serve it with torch only.
+    onnx_max_difference: float | None = None
 
     @field_validator("task")
     @classmethod
@@ -138,6 +141,7 @@ class ModelRepository:
         dims: int,
         max_tokens: int | None = None,
         pooling: str | None = None,
+        onnx_max_difference: float | None = None,
         progress: Callable[[ManifestFile], ProgressType | None] | None = None,
     ) -> Manifest:
         """Upload every file of local_dir as name/version; pushing the same files again changes nothing.
@@ -165,6 +169,7 @@ class ModelRepository:
             created=datetime.now(UTC),
             max_tokens=max_tokens,
             pooling=pooling,
+            onnx_max_difference=onnx_max_difference,
         )
         try:
             existing = self.manifest(name, version)

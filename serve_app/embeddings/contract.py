@@ -35,6 +35,7 @@ class ModelInfo:
     loaded_at: float
     device: str
     max_seq_length: int
+    backend: str = "torch"  # what runs the forward pass: torch or onnx (ONNX Runtime)
     canary_version: str | None = None  # a second version that gets canary_percent of bare-name requests
     canary_percent: float = 0.0
 

@@ -159,6 +159,7 @@ class ModelCard(BaseModel):
     source: str = Field(description="Object-store location of the weights.")
     manifest_digest: str
     device: str | None = Field(None, description="Where it runs, once loaded.")
+    backend: str | None = Field(None, description="What runs it, once loaded: torch, or onnx (ONNX Runtime).")
     max_seq_length: int | None = None
     versions: list[ModelVersionState] = Field(default_factory=list, description="Every version in the repository.")
     canary_version: str | None = Field(None, description="A version that answers canary_percent of the requests.")

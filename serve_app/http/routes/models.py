@@ -46,6 +46,7 @@ def _card_of_info(info: ModelInfo, state: str, versions: list[ModelVersionState]
         source=info.source,
         manifest_digest=info.manifest_digest,
         device=info.device,
+        backend=info.backend,
         max_seq_length=info.max_seq_length,
         versions=versions,
         canary_version=info.canary_version,
