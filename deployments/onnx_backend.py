@@ -99,12 +99,17 @@ def export(model_dir: Path, task: str, out: Path) -> None:
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
     batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
     out.parent.mkdir(parents=True, exist_ok=True)
-    chatter = io.StringIO()  # the exporter reports each of its steps on stdout
+    chatter = io.StringIO()  # the exporter reports each of its steps on stdout, and logs what it skips
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
     with (
         torch.no_grad(),
         contextlib.redirect_stdout(chatter),
         warnings.catch_warnings(),
+        contextlib.ExitStack() as restore,
     ):
+        restore.callback(exporter_log.setLevel, level)
         warnings.simplefilter("ignore")
         torch.onnx.export(
             _Forward(model, task),
@@ -123,9 +128,12 @@ def export(model_dir: Path, task: str, out: Path) -> None:
 def max_difference(model_dir: Path, task: str, onnx_path: Path) -> float:
     """The largest difference between what the engines compute with torch and with ONNX Runtime, over
     CHECK_TEXTS (pooled, normalised vectors for embed; scores for rerank)."""
+    from transformers.utils import logging as transformers_logging
+
     from deployments.cross_encoder import CrossEncoder
     from deployments.encoder import SentenceEncoder
 
+    transformers_logging.disable_progress_bar()  # four loads of the same weights: no bars for them
     if task == "rerank":
         pairs = [(CHECK_QUERY, text) for text in CHECK_TEXTS]
         torch_scores = CrossEncoder(model_dir).score(pairs).scores

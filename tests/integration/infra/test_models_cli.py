@@ -60,8 +60,10 @@ def test_push_list_show_and_delete_a_model(settings, tiny_model, name):
     assert f"pushed s3://{settings.model_bucket}/{name}/1/" in pushed.stdout
     assert "overall" in pushed.stderr
     assert "model.safetensors" in pushed.stderr
+    assert "ONNX export checked: max difference" in pushed.stderr
     [row] = listed(name)
-    size = sum(p.stat().st_size for p in tiny_model.iterdir())
+    stored = {f.path: f.size for f in ModelRepository.from_settings(settings).manifest(name, "1").files}
+    size = sum(p.stat().st_size for p in tiny_model.iterdir()) + stored["onnx/model.onnx"]  # the export went up too
     assert (row["version"], row["dims"], row["size"], row["served"]) == ("1", 32, size, "no")
 
     again = models("push", str(tiny_model), "--name", name, "--version", "1")

@@ -24,15 +24,33 @@ TEXTS = ["The giant panda lives in China.", "Bamboo is its food.", "Paris is the
 QUERY = "what do pandas eat?"
 
 
-def push(directory, name: str, version: str) -> None:
-    pushed = subprocess.run(
-        [sys.executable, "-m", "cluster", "models", "push", str(directory), "--name", name, "--version", version],
+def push(directory, name: str, version: str, *options: str) -> subprocess.CompletedProcess:
+    pushed = try_push(directory, name, version, *options)
+    assert pushed.returncode == 0, pushed.stderr
+    return pushed
+
+
+def try_push(directory, name: str, version: str, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster",
+            "models",
+            "push",
+            str(directory),
+            "--name",
+            name,
+            "--version",
+            version,
+            "--no-progress",
+            *options,
+        ],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
         timeout=300,
     )
-    assert pushed.returncode == 0, pushed.stderr
 
 
 def tiny(directory, model_class, seed: int, **config):
@@ -108,6 +126,9 @@ def test_an_unpinned_model_is_loaded_on_first_use_and_equals_transformers(api, s
     np.testing.assert_allclose(np.array([d["embedding"] for d in again.json()["data"]]), vectors, atol=1e-6)
     record = wait_for_history(settings, response.headers["X-Request-ID"])
     assert (record["model"], record["version"]) == (names["embed"], "1")
+    manifest = ModelRepository.from_settings(settings).manifest(names["embed"], "1")
+    assert "onnx/model.onnx" in {f.path for f in manifest.files}  # so the pool ran it with ONNX Runtime
+    assert manifest.onnx_max_difference <= 1e-4
 
 
 def test_a_new_version_is_what_the_bare_name_means_and_the_old_stays_callable(api, settings, models):
@@ -155,8 +176,11 @@ def test_a_version_that_fails_to_load_is_a_clear_503_remembered_and_evicts_nothi
     names, dirs = models
     broken = tmp_path / "broken"
     shutil.copytree(dirs["embed:1"], broken)
-    (broken / "model.safetensors").write_bytes(b"these are not weights " * 64)  # the push does not load them
-    push(broken, names["broken"], "1")
+    (broken / "model.safetensors").write_bytes(b"these are not weights " * 64)
+    refused = try_push(broken, names["broken"], "1")  # the ONNX export loads the weights: refused
+    assert refused.returncode == 1
+    assert "SafetensorError" in refused.stderr
+    push(broken, names["broken"], "1", "--no-onnx")  # without it, nothing loads them before a replica does
     good = {f"{names['embed']}:1", f"{names['embed']}:2"}
     assert good <= pool_holds(settings)  # the test before loaded both
 
