@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := redis-server rabbitmq-server nginx libcurl4 libssl3 python3-venv iproute2 socat nftables
 
-.PHONY: help install up down status deploy test test-unit lint clean loadtest bench
+.PHONY: help install up down status deploy test test-unit lint clean loadtest bench ceiling
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ loadtest: up  ## Locust, headless, through NGINX; CSV + HTML report under loadte
 
 bench: up  ## the side-by-side benchmark; writes docs/benchmarks.md and the chart
 	$(PY) -m loadtests.bench
+
+ceiling: install  ## the bare model's ceiling, torch and ONNX, every layout (take it with the cluster down)
+	$(PY) -m loadtests.ceiling --json loadtests/results/ceiling.json
 
 clean: down  ## stop everything and delete runtime state (.cluster/)
 	rm -rf .cluster

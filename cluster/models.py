@@ -359,6 +359,18 @@ def canary(settings: ClusterSettings, name: str, version: str | None, percent: f
     _apply(settings, config, name)
 
 
+def set_backend(settings: ClusterSettings, name: str, backend: str) -> None:
+    """A pinned model's replicas run its forward pass on this backend (auto, torch or onnx), live: each
+    builds the new engine beside the old one and swaps, as for a version."""
+    from deployments.onnx_backend import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ModelsError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    config = running_config(settings)
+    pinned_user_config(config, name)["backend"] = backend
+    _apply(settings, config, name)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -394,6 +406,9 @@ def main(argv: list[str], settings: ClusterSettings) -> int:
     canary_cmd.add_argument("spec", metavar="NAME[:VERSION]")
     canary_cmd.add_argument("--percent", type=float, default=10.0, help="share of requests, 0-100 (default 10)")
     canary_cmd.add_argument("--off", action="store_true", help="end the canary")
+    backend_cmd = commands.add_parser("backend", help="what runs a pinned model's forward pass, live")
+    backend_cmd.add_argument("name", metavar="NAME")
+    backend_cmd.add_argument("backend", choices=("auto", "torch", "onnx"))
     for sub in commands.choices.values():
         sub.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
@@ -454,6 +469,10 @@ def main(argv: list[str], settings: ClusterSettings) -> int:
         elif args.command == "rollback":
             from_version, to_version = rollback(settings, args.name)
             print(f"{args.name} serves {to_version} again (was {from_version})")
+        elif args.command == "backend":
+            set_backend(settings, args.name, args.backend)
+            print(f"{args.name}: backend {args.backend} on every replica (GET /v1/models shows what each runs)")
+            print("this changes the running cluster; `make deploy` returns to cluster/serve_config.yaml")
         elif args.command == "canary":
             name, version = split_spec(args.spec, version_required=not args.off)
             if args.off:

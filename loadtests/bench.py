@@ -281,6 +281,23 @@ class Bench:
         finally:
             deploy(self.settings)
 
+    def backends(self, rounds: int = 2) -> None:
+        """The full stack with the pinned model on torch, then on ONNX Runtime, switched live, in
+        interleaved rounds (torch onnx torch onnx); each round's points are kept, so the spread shows."""
+        from cluster.models import set_backend
+
+        try:
+            for number in range(1, rounds + 1):
+                for backend in ("torch", "onnx"):
+                    set_backend(self.settings, MODEL, backend)
+                    self.warm_replicas()
+                    print(f"  round {number}: {backend}", flush=True)
+                    self.measure(f"full-{backend}", f"{self.settings.public_url}/v1/embeddings")
+                    for run in self.results["runs"]:
+                        run.setdefault("round", number)
+        finally:
+            set_backend(self.settings, MODEL, "auto")
+
     def warm_cache(self) -> None:
         texts = fixed_set(256)
         for i in range(0, len(texts), 64):
@@ -346,6 +363,9 @@ class Bench:
             ),
             f"ondemand/full (size {big}, {top} clients)": ratio(
                 self.best("ondemand", big, top), self.best("full", big, top)
+            ),
+            f"full-onnx/full-torch (size {big}, saturation)": ratio(
+                self.best("full-onnx", big), self.best("full-torch", big)
             ),
             f"rerank/raw rerank (size {big}, saturation)": ratio(
                 self.best("rerank", big),
@@ -475,6 +495,12 @@ class Bench:
         if "full" in setups:
             print("full: through NGINX, every item a cache miss", flush=True)
             self.measure("full", f"{self.settings.public_url}/v1/embeddings")
+        if "backends" in setups:
+            print(
+                "backends: through NGINX, misses, the pinned model on torch and on ONNX Runtime, interleaved",
+                flush=True,
+            )
+            self.backends()
         if "cached" in setups:
             print("cached: through NGINX, every item a cache hit", flush=True)
             self.warm_cache()

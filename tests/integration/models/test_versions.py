@@ -82,3 +82,37 @@ def test_a_canary_gets_its_percentage_of_requests_and_history_says_which(api, se
     finally:
         models("canary", MODEL, "--off")
     assert api.get(f"/v1/models/{MODEL}").json().get("canary_version") is None
+
+
+def test_the_backend_switches_live_with_no_failed_request_and_both_compute_the_same(api, settings, auth_headers):
+    """`models backend` rebuilds each replica's engine beside the old one; torch and ONNX Runtime give
+    sentence-transformers' vectors (the push checked the export; this checks what the replicas serve)."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from cluster.seed import default_model_dir
+
+    reference = SentenceTransformer(str(default_model_dir()), device="cpu")
+
+    def backend() -> str:
+        return api.get(f"/v1/models/{MODEL}").json()["backend"]
+
+    assert backend() == "onnx"  # auto, on CPU, for a version `models push` exported
+    traffic = Traffic(settings.public_url, auth_headers)
+    traffic.start()
+    try:
+        for wanted in ("torch", "onnx"):
+            done = models("backend", MODEL, wanted)
+            assert f"backend {wanted}" in done.stdout
+            assert backend() == wanted
+            texts = [f"backend {wanted} {uuid.uuid4().hex[:8]} and a few more words" for _ in range(4)]
+            response = api.post("/v1/embeddings", json={"model": MODEL, "input": texts})
+            assert response.headers["X-Cache-Hits"] == "0"
+            served = np.array([d["embedding"] for d in response.json()["data"]])
+            np.testing.assert_allclose(served, reference.encode(texts), atol=1e-5)
+    finally:
+        traffic.halt.set()
+        traffic.join(60)
+        models("backend", MODEL, "auto")
+    assert len(traffic.statuses) > 10
+    assert set(traffic.statuses) == {200}, f"failed during the switch: {collections.Counter(traffic.statuses)}"
