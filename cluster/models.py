@@ -366,8 +366,14 @@ def set_backend(settings: ClusterSettings, name: str, backend: str) -> None:
 
     if backend not in BACKENDS:
         raise ModelsError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    set_user_config(settings, name, backend=backend)
+
+
+def set_user_config(settings: ClusterSettings, name: str, **values: object) -> None:
+    """Change fields of a pinned model's user_config in the running application and wait until every
+    replica applied them (what promote, canary and backend do; the benchmark tunes with it)."""
     config = running_config(settings)
-    pinned_user_config(config, name)["backend"] = backend
+    pinned_user_config(config, name).update(values)
     _apply(settings, config, name)
 
 

@@ -33,7 +33,9 @@ class ModelConfig(BaseModel):
 
     version: str = Field(default_factory=lambda: get_settings().default_model_version)
     max_batch_texts: int = Field(64, ge=1, description="Texts per batch, summed over the requests in it.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="How long a batch waits to fill; 0: it takes what queued during the last forward pass."
+    )
     forward_batch_size: int = Field(32, ge=1, description="Texts per forward pass within a batch.")
     torch_threads: int | None = Field(
         None, ge=1, description="intra-op threads (torch or ONNX Runtime); default: Ray's num_cpus."
@@ -199,11 +201,11 @@ class EmbeddingModel:
                 raise
             return await self._answer(task, items)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=items_in)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, batch_size_fn=items_in)
     async def _embed_batch(self, requests: list[list[str]]) -> list[EmbeddingBatch]:
         return await self._run("embed", requests)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=items_in)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, batch_size_fn=items_in)
     async def _rerank_batch(self, requests: list[list[tuple[str, str]]]) -> list[RerankBatch]:
         return await self._run("rerank", requests)
 

@@ -215,11 +215,11 @@ class ModelPool:
         parts = [documents[i : i + MAX_BATCH] for i in range(0, len(documents), MAX_BATCH)]
         return joined(await asyncio.gather(*(self._rerank_batch([(query, d) for d in part]) for part in parts)))
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=items_in)
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.0, batch_size_fn=items_in)
     async def _embed_batch(self, requests: list[list[str]]) -> list[EmbeddingBatch]:
         return await self._run("embed", requests)
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.005, batch_size_fn=items_in)
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.0, batch_size_fn=items_in)
     async def _rerank_batch(self, requests: list[list[tuple[str, str]]]) -> list[RerankBatch]:
         return await self._run("rerank", requests)
 

@@ -298,6 +298,24 @@ class Bench:
         finally:
             set_backend(self.settings, MODEL, "auto")
 
+    def batch_wait(self, rounds: int = 2) -> None:
+        """The model's batch_wait_timeout_s at 5 ms (the default until this was measured) and at 0 (a batch
+        takes what queued while the last forward pass ran, and an idle replica starts at once; the config's
+        now), in interleaved rounds."""
+        from cluster.models import set_user_config
+
+        try:
+            for number in range(1, rounds + 1):
+                for wait_s in (0.005, 0.0):
+                    set_user_config(self.settings, MODEL, batch_wait_timeout_s=wait_s)
+                    self.warm_replicas()
+                    print(f"  round {number}: batch_wait_timeout_s {wait_s}", flush=True)
+                    self.measure(f"wait-{wait_s * 1000:g}ms", f"{self.settings.public_url}/v1/embeddings")
+                    for run in self.results["runs"]:
+                        run.setdefault("round", number)
+        finally:
+            set_user_config(self.settings, MODEL, batch_wait_timeout_s=0.0)
+
     def warm_cache(self) -> None:
         texts = fixed_set(256)
         for i in range(0, len(texts), 64):
@@ -501,6 +519,9 @@ class Bench:
                 flush=True,
             )
             self.backends()
+        if "batchwait" in setups:
+            print("batchwait: through NGINX, misses, the model's batch wait at 5 ms and at 0, interleaved", flush=True)
+            self.batch_wait()
         if "cached" in setups:
             print("cached: through NGINX, every item a cache hit", flush=True)
             self.warm_cache()
