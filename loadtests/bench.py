@@ -281,40 +281,35 @@ class Bench:
         finally:
             deploy(self.settings)
 
-    def backends(self, rounds: int = 2) -> None:
-        """The full stack with the pinned model on torch, then on ONNX Runtime, switched live, in
-        interleaved rounds (torch onnx torch onnx); each round's points are kept, so the spread shows."""
-        from cluster.models import set_backend
+    def backends(self) -> None:
+        """The full stack with the pinned model on torch, then on ONNX Runtime, switched live."""
+        self.interleaved({"full-torch": {"backend": "torch"}, "full-onnx": {"backend": "onnx"}}, {"backend": "auto"})
 
-        try:
-            for number in range(1, rounds + 1):
-                for backend in ("torch", "onnx"):
-                    set_backend(self.settings, MODEL, backend)
-                    self.warm_replicas()
-                    print(f"  round {number}: {backend}", flush=True)
-                    self.measure(f"full-{backend}", f"{self.settings.public_url}/v1/embeddings")
-                    for run in self.results["runs"]:
-                        run.setdefault("round", number)
-        finally:
-            set_backend(self.settings, MODEL, "auto")
-
-    def batch_wait(self, rounds: int = 2) -> None:
+    def batch_wait(self) -> None:
         """The model's batch_wait_timeout_s at 5 ms (the default until this was measured) and at 0 (a batch
-        takes what queued while the last forward pass ran, and an idle replica starts at once; the config's
-        now), in interleaved rounds."""
+        takes what queued while the last forward pass ran, and an idle replica starts at once; the default
+        now)."""
+        self.interleaved(
+            {"wait-5ms": {"batch_wait_timeout_s": 0.005}, "wait-0ms": {"batch_wait_timeout_s": 0.0}},
+            {"batch_wait_timeout_s": 0.0},
+        )
+
+    def interleaved(self, variants: dict[str, dict], restore: dict, rounds: int = 2) -> None:
+        """The full stack under each variant of the pinned model's user_config (set live), in rounds in the
+        same order (A B A B), each round's points kept so the spread shows; `restore` afterwards."""
         from cluster.models import set_user_config
 
         try:
             for number in range(1, rounds + 1):
-                for wait_s in (0.005, 0.0):
-                    set_user_config(self.settings, MODEL, batch_wait_timeout_s=wait_s)
+                for label, changes in variants.items():
+                    set_user_config(self.settings, MODEL, **changes)
                     self.warm_replicas()
-                    print(f"  round {number}: batch_wait_timeout_s {wait_s}", flush=True)
-                    self.measure(f"wait-{wait_s * 1000:g}ms", f"{self.settings.public_url}/v1/embeddings")
+                    print(f"  round {number}: {label} {changes}", flush=True)
+                    self.measure(label, f"{self.settings.public_url}/v1/embeddings")
                     for run in self.results["runs"]:
                         run.setdefault("round", number)
         finally:
-            set_user_config(self.settings, MODEL, batch_wait_timeout_s=0.0)
+            set_user_config(self.settings, MODEL, **restore)
 
     def warm_cache(self) -> None:
         texts = fixed_set(256)
