@@ -128,12 +128,9 @@ def export(model_dir: Path, task: str, out: Path) -> None:
 def max_difference(model_dir: Path, task: str, onnx_path: Path) -> float:
     """The largest difference between what the engines compute with torch and with ONNX Runtime, over
     CHECK_TEXTS (pooled, normalised vectors for embed; scores for rerank)."""
-    from transformers.utils import logging as transformers_logging
-
     from deployments.cross_encoder import CrossEncoder
     from deployments.encoder import SentenceEncoder
 
-    transformers_logging.disable_progress_bar()  # four loads of the same weights: no bars for them
     if task == "rerank":
         pairs = [(CHECK_QUERY, text) for text in CHECK_TEXTS]
         torch_scores = CrossEncoder(model_dir).score(pairs).scores
@@ -151,6 +148,9 @@ class ExportError(ValueError):
 def export_checked(model_dir: Path, task: str, out: Path) -> float:
     """Export (unless model_dir already holds onnx/model.onnx, which is checked instead) and check;
     the difference, or ExportError when it exceeds MAX_DIFFERENCE."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the export and its check load the weights five times: no bars
     shipped = model_dir / ONNX_FILE
     if shipped.is_file():
         out = shipped
