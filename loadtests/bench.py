@@ -377,13 +377,21 @@ class Bench:
             f"ondemand/full (size {big}, {top} clients)": ratio(
                 self.best("ondemand", big, top), self.best("full", big, top)
             ),
-            f"full-onnx/full-torch (size {big}, saturation)": ratio(
-                self.best("full-onnx", big), self.best("full-torch", big)
-            ),
             f"rerank/raw rerank (size {big}, saturation)": ratio(
                 self.best("rerank", big),
                 self.results["raw_rerank"].get("by_batch_size", {}).get(str(big), {}).get("items_per_s", 0.0),
             ),
+        }
+
+    def experiment_ratios(self) -> dict:
+        """The ratios of the setups a default run leaves out (backends, batchwait), where they ran."""
+        big = max(self.sizes)
+        measured = {r["setup"] for r in self.results["runs"]}
+        pairs = {"full-onnx/full-torch": ("full-onnx", "full-torch"), "wait-0ms/wait-5ms": ("wait-0ms", "wait-5ms")}
+        return {
+            f"{name} (size {big}, saturation)": round(self.best(a, big) / self.best(b, big), 3)
+            for name, (a, b) in pairs.items()
+            if {a, b} <= measured and self.best(b, big)
         }
 
     def machine(self) -> dict:
@@ -530,7 +538,7 @@ class Bench:
         if "rerank" in setups:
             print("rerank: a MiniLM-L6 cross-encoder, on demand through NGINX, every pair new", flush=True)
             self.rerank()
-        ratios = self.ratios()
+        ratios = self.ratios() | self.experiment_ratios()
         if set(ALL_SETUPS) <= set(setups):
             self.results["ratios"] = ratios
         else:  # a partial run: the ratios its setups measured
