@@ -119,12 +119,14 @@ def push(
         directory, described["onnx_max_difference"], staging = exported_directory(local_dir, described["task"])
         if show_progress:
             print(f"ONNX export checked: max difference {described['onnx_max_difference']:.1e}", file=sys.stderr)
-    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-    bars = _Bars(total, show_progress)
     try:
-        return repository.push(directory, name, version, progress=bars.for_file, **described)
+        total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+        bars = _Bars(total, show_progress)
+        try:
+            return repository.push(directory, name, version, progress=bars.for_file, **described)
+        finally:
+            bars.close()
     finally:
-        bars.close()
         if staging is not None:
             staging.cleanup()
 

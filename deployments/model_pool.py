@@ -9,9 +9,10 @@ through the same sha256-checked node cache as the pinned replicas, keeping the
 
 A version is loaded before the multiplexer makes room for it (`StagedLoads`): Serve's multiplexer
 evicts its least recently used model first and loads after, so a version that fails to load would
-otherwise cost a replica a good model. A replica briefly holds one model more than its limit while
-a new one loads. A failed load is remembered for `FAILED_LOAD_RETRY_S`: requests for that version
-meanwhile fail at once with the same reason instead of each downloading it again.
+otherwise cost a replica a good model. Loads run one at a time, so a replica briefly holds one model
+more than its limit while a new one loads. A failed load is remembered for `FAILED_LOAD_RETRY_S`:
+requests for that version meanwhile fail at once with the same reason instead of each downloading
+it again.
 
 Each replica writes the ids it holds to Redis (its field of the hash `pool:loaded`, refreshed while
 it lives), so GET /v1/models can say which models are loaded.
@@ -106,6 +107,7 @@ class StagedLoads(Generic[M]):
         self._staged: dict[str, tuple[float, M]] = {}
         self._failed: dict[str, tuple[float, str]] = {}
         self._loading: dict[str, asyncio.Task] = {}
+        self._one_at_a_time = asyncio.Semaphore(1)  # as the multiplexer did: at most one model over the limit
 
     async def prepare(self, model_id: str) -> None:
         failed = self._failed.get(model_id)
@@ -126,11 +128,13 @@ class StagedLoads(Generic[M]):
 
     async def _stage(self, model_id: str) -> None:
         try:
-            model = await self._load(model_id)
+            async with self._one_at_a_time:
+                model = await self._load(model_id)
             self._staged[model_id] = (time.monotonic(), model)
         except Exception as exc:
-            reason = f"{model_id} could not be loaded: {exc}"
-            logger.error("pool: %s", reason)
+            # The client gets the kind of failure; the details (paths, endpoints) stay in this log.
+            reason = f"{model_id} could not be loaded ({type(exc).__name__}); the model pool's log says why"
+            logger.error("pool: %s could not be loaded: %r", model_id, exc)
             self._failed[model_id] = (time.monotonic() + self.retry_after_s, reason)
             raise ModelLoadError(reason) from None
         finally:

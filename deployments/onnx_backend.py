@@ -127,18 +127,32 @@ def export(model_dir: Path, task: str, out: Path) -> None:
 
 def max_difference(model_dir: Path, task: str, onnx_path: Path) -> float:
     """The largest difference between what the engines compute with torch and with ONNX Runtime, over
-    CHECK_TEXTS (pooled, normalised vectors for embed; scores for rerank)."""
+    CHECK_TEXTS (pooled, normalised vectors for embed; scores for rerank), in one padded pass and one
+    text at a time."""
     from deployments.cross_encoder import CrossEncoder
     from deployments.encoder import SentenceEncoder
 
     if task == "rerank":
-        pairs = [(CHECK_QUERY, text) for text in CHECK_TEXTS]
-        torch_scores = CrossEncoder(model_dir).score(pairs).scores
-        onnx_scores = CrossEncoder(model_dir, backend="onnx", onnx_path=onnx_path).score(pairs).scores
-        return float(np.abs(torch_scores - onnx_scores).max())
-    torch_vectors = SentenceEncoder(model_dir).encode(CHECK_TEXTS).vectors
-    onnx_vectors = SentenceEncoder(model_dir, backend="onnx", onnx_path=onnx_path).encode(CHECK_TEXTS).vectors
-    return float(np.abs(torch_vectors - onnx_vectors).max())
+        engines = [CrossEncoder(model_dir), CrossEncoder(model_dir, backend="onnx", onnx_path=onnx_path)]
+        items: list = [(CHECK_QUERY, text) for text in CHECK_TEXTS]
+
+        def run(engine, batch):
+            return engine.score(batch).scores
+    else:
+        engines = [SentenceEncoder(model_dir), SentenceEncoder(model_dir, backend="onnx", onnx_path=onnx_path)]
+        items = CHECK_TEXTS
+
+        def run(engine, batch):
+            return engine.encode(batch).vectors
+
+    # Every shape a replica makes: all the texts in one padded pass, then each alone (batch 1, no padding).
+    difference = 0.0
+    for forward_batch_size in (len(items), 1):
+        for engine in engines:
+            engine.forward_batch_size = forward_batch_size
+        on_torch, on_onnx = (run(engine, items) for engine in engines)
+        difference = max(difference, float(np.abs(on_torch - on_onnx).max()))
+    return difference
 
 
 class ExportError(ValueError):

@@ -305,9 +305,10 @@ class Bench:
                     set_user_config(self.settings, MODEL, **changes)
                     self.warm_replicas()
                     print(f"  round {number}: {label} {changes}", flush=True)
+                    first = len(self.results["runs"])
                     self.measure(label, f"{self.settings.public_url}/v1/embeddings")
-                    for run in self.results["runs"]:
-                        run.setdefault("round", number)
+                    for run in self.results["runs"][first:]:
+                        run["round"] = number
         finally:
             set_user_config(self.settings, MODEL, **restore)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 SPREAD_FLAG = 0.15  # rounds of one point further apart than this are flagged
 BUSY_FLAG = 0.10  # a machine busier than this before a point was not idle
+START_TIMEOUT_S = 300.0  # loading and warming every worker of a point
 
 
 @dataclass
@@ -101,7 +102,7 @@ def _worker(
     batches = fresh_batches(size, start=(index + 1) * 10**8 + size * 10**6 + int(time.time()) % 10**6)
     for _ in range(2):
         encoder.encode(next(batches))  # warm: allocator, kernels, thread pools
-    start.wait()
+    start.wait(timeout=START_TIMEOUT_S)  # a sibling that died before this raises BrokenBarrierError here
     items, began = 0, time.perf_counter()
     while time.perf_counter() - began < duration:
         items += len(encoder.encode(next(batches)).token_counts)
@@ -131,10 +132,21 @@ def measure(point: Point, model_dir: Path, onnx_path: Path | None, duration: flo
     ]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join()
-        if worker.exitcode != 0:
-            raise RuntimeError(f"{point.backend} {point.layout} batch {point.size}: a worker exited {worker.exitcode}")
+    deadline = time.monotonic() + START_TIMEOUT_S + duration + 60
+    try:
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.exitcode != 0:  # died (None: still running past the deadline)
+                start.abort()  # the others stop waiting for it
+                raise RuntimeError(
+                    f"{point.backend} {point.layout} batch {point.size}: a worker "
+                    f"{'hung' if worker.exitcode is None else f'exited {worker.exitcode}'}"
+                )
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(10)
     return sum(results.values())
 
 

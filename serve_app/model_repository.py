@@ -281,7 +281,10 @@ class ModelRepository:
         """
         local_dir, manifest = self._fetch(name, version, cache_root)
         if max_bytes:
-            prune_cache(cache_root, max_bytes, keep=local_dir)
+            try:
+                prune_cache(cache_root, max_bytes, keep=local_dir)
+            except OSError as exc:  # the fetch succeeded: a cache that could not be pruned is only logged
+                logger.warning("model cache: pruning %s failed: %r", cache_root, exc)
         return local_dir, manifest
 
     def _fetch(self, name: str, version: str, cache_root: Path) -> tuple[Path, Manifest]:
@@ -366,6 +369,11 @@ def prune_cache(cache_root: Path, max_bytes: int, *, keep: Path, idle_s: float =
             except BlockingIOError:
                 continue  # another process is fetching it now
             try:
+                try:  # used since the scan (a cache hit touches the marker under this lock): keep it
+                    if time.time() - (directory / VERIFIED_MARKER).stat().st_mtime < idle_s:
+                        continue
+                except FileNotFoundError:
+                    continue  # gone already
                 (directory / VERIFIED_MARKER).unlink(missing_ok=True)  # not usable from here on
                 shutil.rmtree(directory, ignore_errors=True)
             finally:

@@ -195,8 +195,8 @@ class ModelCatalog:
 
         async def ask(client: ModelClient) -> ModelInfo | Exception:
             try:
-                # Shielded: a refresh cut short here still lands for the next request.
-                return await asyncio.wait_for(asyncio.shield(client.info()), wait_s)
+                # Not shielded: a deployment that hangs must not collect a refresh per listing.
+                return await asyncio.wait_for(client.info(), wait_s)
             except TimeoutError:
                 return ServiceUnavailableError(f"model {client.name!r} did not answer within {wait_s:g}s")
             except ServiceUnavailableError as exc:

@@ -42,3 +42,22 @@ def test_what_is_in_use_fetching_or_unverified_is_never_removed(tmp_path):
         assert prune_cache(tmp_path, 1, keep=fetched) == []
     assert all(d.exists() for d in (fetched, busy, loading, partial))
     assert prune_cache(tmp_path, 1, keep=fetched) == [busy]  # its lock is free now
+
+
+def test_a_version_used_between_the_scan_and_its_lock_is_kept(tmp_path, monkeypatch):
+    """A cache hit touches the marker under the version's lock: the prune looks again once it holds it."""
+    from serve_app import model_repository
+
+    real_flock = fcntl.flock
+
+    stale = version(tmp_path, "a", "1", 400, used_ago_s=7200)
+    fetched = version(tmp_path, "b", "1", 400, used_ago_s=0)
+
+    def touched_meanwhile(fh, operation):
+        if operation & fcntl.LOCK_EX:
+            os.utime(stale / VERIFIED_MARKER)  # another replica's cache hit, just before our lock
+        return real_flock(fh, operation)
+
+    monkeypatch.setattr(model_repository.fcntl, "flock", touched_meanwhile)
+    assert prune_cache(tmp_path, 1, keep=fetched) == []
+    assert stale.exists()

@@ -13,10 +13,15 @@ class Loader:
         self.calls: list[str] = []
         self.broken: set[str] = set()
         self.delay_s = delay_s
+        self.active = 0
+        self.most_active = 0
 
     async def __call__(self, model_id: str) -> str:
         self.calls.append(model_id)
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
         await asyncio.sleep(self.delay_s)
+        self.active -= 1
         if model_id in self.broken:
             raise OSError(f"{model_id}: the weights are not safetensors")
         return f"model {model_id}"
@@ -52,7 +57,8 @@ def test_a_failed_load_raises_its_reason_and_is_remembered_until_the_retry_time(
         return errors, first_calls, loader.calls, loads.take("m:2")
 
     errors, first_calls, calls, taken = asyncio.run(scenario())
-    assert errors[0] == errors[1] == "m:2 could not be loaded: m:2: the weights are not safetensors"
+    # The kind of failure, not its details (paths, endpoints): those go to the replica's log.
+    assert errors[0] == errors[1] == "m:2 could not be loaded (OSError); the model pool's log says why"
     assert first_calls == ["m:2"]  # the second request did not load it again
     assert calls == ["m:2", "m:2"]
     assert taken == "model m:2"
@@ -72,3 +78,17 @@ def test_a_caller_that_leaves_does_not_cancel_the_load_others_wait_for():
     calls, taken = asyncio.run(scenario())
     assert calls == ["m:3"]
     assert taken == "model m:3"
+
+
+def test_loads_of_different_models_run_one_at_a_time():
+    """As inside the multiplexer's lock: a burst for many versions never holds more than one extra model."""
+
+    async def scenario():
+        loader = Loader()
+        loads = StagedLoads(loader)
+        await asyncio.gather(*(loads.prepare(f"m:{i}") for i in range(4)))
+        return loader
+
+    loader = asyncio.run(scenario())
+    assert sorted(loader.calls) == ["m:0", "m:1", "m:2", "m:3"]
+    assert loader.most_active == 1
