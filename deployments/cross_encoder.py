@@ -67,6 +67,7 @@ class CrossEncoder:
         if config.num_labels != 1:
             raise ValueError(f"{model_dir}: a reranker has one label, this model has {config.num_labels}")
         self.max_tokens = min(max_tokens, usable_positions(config, self.tokenizer))
+        self.dims = 1  # one relevance score per pair, as SentenceEncoder says its vector width
 
     def score(self, pairs: list[tuple[str, str]]) -> Scored:
         """Scores in the order given."""

@@ -65,14 +65,6 @@ class LoadedModel:
     encoder: SentenceEncoder | CrossEncoder
     loaded_at: float
 
-    @property
-    def dims(self) -> int:
-        return self.manifest.dims if self.manifest.task == "rerank" else self.encoder.dims
-
-    @property
-    def max_tokens(self) -> int:
-        return self.encoder.max_tokens if self.manifest.task == "rerank" else self.encoder.spec.max_seq_length
-
 
 @serve.deployment(
     max_ongoing_requests=64,
@@ -160,7 +152,7 @@ class EmbeddingModel:
         return ModelInfo(
             name=self.model_name,
             version=loaded.manifest.version,
-            dims=loaded.dims,
+            dims=loaded.encoder.dims,
             source=loaded.source,
             manifest_digest=loaded.manifest.digest,
             framework=loaded.manifest.framework,
@@ -169,7 +161,7 @@ class EmbeddingModel:
             loaded_at=loaded.loaded_at,
             device=str(loaded.encoder.device),
             backend=loaded.encoder.backend,
-            max_seq_length=loaded.max_tokens,
+            max_seq_length=loaded.encoder.max_tokens,
             canary_version=self.config.canary_version if self.config.canary_percent > 0 else None,
             canary_percent=self.config.canary_percent if self.config.canary_version else 0.0,
         )

@@ -122,6 +122,7 @@ class SentenceEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.transformer, config = transformer(model_dir, AutoModel, self.device, backend, onnx_path, threads)
         self.dims = int(config.hidden_size)
+        self.max_tokens = self.spec.max_seq_length  # the longest input it reads, as CrossEncoder says it
 
     def encode(self, texts: list[str]) -> Encoded:
         """Embed texts, in the order given."""

@@ -75,7 +75,7 @@ class PoolModel:
             loaded_at=self.loaded_at,
             device=str(engine.device),
             backend=engine.backend,
-            max_seq_length=int(getattr(engine, "max_tokens", 0) or engine.spec.max_seq_length),
+            max_seq_length=engine.max_tokens,
         )
 
 

@@ -61,8 +61,10 @@ class OnnxRunner:
     def __init__(self, path: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        from deployments.engines import intra_op_threads
+
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1"))))
+        options.intra_op_num_threads = intra_op_threads(threads)
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -160,15 +162,12 @@ class ExportError(ValueError):
 
 
 def export_checked(model_dir: Path, task: str, out: Path) -> float:
-    """Export (unless model_dir already holds onnx/model.onnx, which is checked instead) and check;
-    the difference, or ExportError when it exceeds MAX_DIFFERENCE."""
+    """Export model_dir's transformer to `out` (unless `out` exists: an export the directory ships) and
+    check it; the difference, or ExportError when it exceeds MAX_DIFFERENCE."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # the export and its check load the weights five times: no bars
-    shipped = model_dir / ONNX_FILE
-    if shipped.is_file():
-        out = shipped
-    else:
+    if not out.is_file():
         try:
             export(model_dir, task, out)
         except Exception as exc:  # the exporter's many failure types: an unsupported operator, say
