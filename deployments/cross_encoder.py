@@ -76,6 +76,13 @@ class CrossEncoder:
         )
         return Scored(scores=scores, token_counts=token_counts)
 
+    def count_tokens(self, pairs: list[tuple[str, str]]) -> list[int]:
+        """The tokens each pair is to the model (special tokens in, after truncation)."""
+        ids = self.tokenizer(
+            [q for q, _ in pairs], [d for _, d in pairs], truncation="longest_first", max_length=self.max_tokens
+        )["input_ids"]
+        return [len(one) for one in ids]
+
     @torch.inference_mode()
     def _forward(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, list[int]]:
         batch = self.tokenizer(

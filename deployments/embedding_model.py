@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve import metrics
 
-from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch, items_in, joined, run_batch
+from deployments.batcher import BatchFormed, Lane, PriorityBatcher
+from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch, joined, run_batch
+from serve_app.embeddings.service import split_by_tokens
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
 
@@ -31,8 +33,22 @@ logger = logging.getLogger("ray.serve")
 class ModelConfig(BaseModel):
     """The deployment's `user_config`: changing it in the Serve config applies live, with no restart."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the deploy instead of being ignored
+
     version: str = Field(default_factory=lambda: get_settings().default_model_version)
     max_batch_texts: int = Field(64, ge=1, description="Texts per batch, summed over the requests in it.")
+    max_batch_tokens: int = Field(
+        2048,
+        ge=1,
+        description="Tokens per batch (the tokenizer's counts): a few long texts make a small batch, which takes "
+        "about as long as a full batch of short ones.",
+    )
+    background_batch_texts: int = Field(
+        16,
+        ge=1,
+        description="Texts per batch of job chunks, which run only while no interactive request waits: an "
+        "interactive request that comes meanwhile waits for a short pass.",
+    )
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="How long a batch waits to fill; 0: it takes what queued during the last forward pass."
     )
@@ -89,8 +105,21 @@ class EmbeddingModel:
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
             tag_keys=("model",),
         )
-        self.texts_counter.set_default_tags({"model": model_name})
-        self.batch_texts.set_default_tags({"model": model_name})
+        self.batch_tokens = metrics.Histogram(
+            "embedding_batch_tokens",
+            description="Tokens per model batch (the tokenizer's counts, all requests in the batch).",
+            boundaries=[16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384],
+            tag_keys=("model",),
+        )
+        self.queue_wait = metrics.Histogram(
+            "embedding_queue_wait_seconds",
+            description="How long a request queued at the model replica before its batch ran, by lane.",
+            boundaries=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+            tag_keys=("model", "lane"),
+        )
+        for metric in (self.texts_counter, self.batch_texts, self.batch_tokens, self.queue_wait):
+            metric.set_default_tags({"model": model_name})
+        self.batcher: PriorityBatcher = PriorityBatcher(self._run, on_batch=self._record)
 
     async def reconfigure(self, user_config: dict) -> None:
         """Apply a new user_config; a new version is loaded beside the old one, then swapped in.
@@ -110,9 +139,12 @@ class EmbeddingModel:
         if needs_load:
             loaded = await asyncio.to_thread(self._load, config)
         _set_torch_threads(config.torch_threads)
-        for batched in (self._embed_batch, self._rerank_batch):
-            batched.set_max_batch_size(config.max_batch_texts)
-            batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.batcher.configure(
+            max_texts=config.max_batch_texts,
+            max_tokens=config.max_batch_tokens,
+            background_max_texts=config.background_batch_texts,
+            wait_s=config.batch_wait_timeout_s,
+        )
         self.config = config
         if needs_load:
             self.loaded = loaded
@@ -166,47 +198,35 @@ class EmbeddingModel:
             canary_percent=self.config.canary_percent if self.config.canary_version else 0.0,
         )
 
-    async def embed(self, texts: list[str]) -> EmbeddingBatch:
-        """Embeddings of texts, in order; long lists are split so each part fits one batch."""
-        return await self._answer("embed", texts)
+    async def embed(self, texts: list[str], lane: Lane = "interactive") -> EmbeddingBatch:
+        """Embeddings of texts, in order; a long list goes in parts that each fit a batch. `background`
+        (job chunks) runs only while no interactive request waits (deployments/batcher.py)."""
+        return await self._answer("embed", texts, lane)
 
-    async def rerank(self, query: str, documents: list[str]) -> RerankBatch:
-        """Scores of documents against the query, in order (a rerank model); long lists are split."""
-        return await self._answer("rerank", [(query, d) for d in documents])
+    async def rerank(self, query: str, documents: list[str], lane: Lane = "interactive") -> RerankBatch:
+        """Scores of documents against the query, in order (a rerank model); a long list goes in parts."""
+        return await self._answer("rerank", [(query, d) for d in documents], lane)
 
-    async def _answer(self, task: str, items: list) -> EmbeddingBatch | RerankBatch:
-        parts = await asyncio.gather(*(self._part(task, part) for part in self._split(items)))
-        if len({p.version for p in parts}) > 1:  # a version swap landed between parts: answer from one version
-            return await self._answer(task, items)
-        return joined(parts)
+    async def _answer(self, task: str, items: list, lane: Lane) -> EmbeddingBatch | RerankBatch:
+        loaded = self._require_loaded(task)  # the wrong task is refused here, never queued
+        max_texts, max_tokens = self.batcher.limits(lane)
+        parts = split_by_tokens(items, loaded.encoder.count_tokens(items), max_tokens, max_texts)
+        answers = await asyncio.gather(*(self.batcher.submit(part, tokens, lane) for part, tokens in parts))
+        if len({a.version for a in answers}) > 1:  # a version swap landed between parts: answer from one version
+            return await self._answer(task, items, lane)
+        return joined(answers)
 
-    def _split(self, items: list) -> list[list]:
-        step = self.config.max_batch_texts
-        return [items[i : i + step] for i in range(0, len(items), step)]
+    async def _run(self, requests: list[list]) -> list:
+        """One batch through the engine: every request in it is of the model's task (checked on arrival)."""
+        loaded = self._require_loaded()
+        return await run_batch(loaded.encoder, loaded.manifest.task, self.model_name, loaded.manifest.version, requests)
 
-    async def _part(self, task: str, items: list) -> EmbeddingBatch | RerankBatch:
-        try:
-            return await (self._rerank_batch if task == "rerank" else self._embed_batch)(items)
-        except RuntimeError:
-            # max_batch_texts shrank after this part was cut: Serve refuses it; cut it again.
-            if len(items) <= self.config.max_batch_texts:
-                raise
-            return await self._answer(task, items)
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, batch_size_fn=items_in)
-    async def _embed_batch(self, requests: list[list[str]]) -> list[EmbeddingBatch]:
-        return await self._run("embed", requests)
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, batch_size_fn=items_in)
-    async def _rerank_batch(self, requests: list[list[tuple[str, str]]]) -> list[RerankBatch]:
-        return await self._run("rerank", requests)
-
-    async def _run(self, task: str, requests: list) -> list:
-        loaded = self._require_loaded(task)
-        size = items_in(requests)
-        self.texts_counter.inc(size)
-        self.batch_texts.observe(size)
-        return await run_batch(loaded.encoder, task, self.model_name, loaded.manifest.version, requests)
+    def _record(self, batch: BatchFormed) -> None:
+        self.texts_counter.inc(batch.items)
+        self.batch_texts.observe(batch.items)
+        self.batch_tokens.observe(batch.tokens)
+        for wait in batch.waits_s:
+            self.queue_wait.observe(wait, tags={"lane": batch.lane})
 
     def _require_loaded(self, task: str | None = None) -> LoadedModel:
         if self.loaded is None:

@@ -131,6 +131,11 @@ class SentenceEncoder:
         )
         return Encoded(vectors=vectors, token_counts=token_counts)
 
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """The tokens each text is to the model (special tokens in, after truncation): what batches are bounded by."""
+        ids = self.tokenizer(texts, truncation=True, max_length=self.spec.max_seq_length)["input_ids"]
+        return [len(one) for one in ids]
+
     @torch.inference_mode()
     def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         batch = self.tokenizer(

@@ -211,11 +211,13 @@ class ModelPool:
         """What the requested model is; loads it if this replica does not hold it."""
         return (await self._model()).info()
 
-    async def embed(self, texts: list[str]) -> EmbeddingBatch:
+    async def embed(self, texts: list[str], lane: str = "interactive") -> EmbeddingBatch:
+        """Embeddings of texts. Both lanes share one queue here (a pool replica's batches are Serve's, first
+        come first served); the pinned deployments put interactive requests first."""
         parts = [texts[i : i + MAX_BATCH] for i in range(0, len(texts), MAX_BATCH)]
         return joined(await asyncio.gather(*(self._embed_batch(part) for part in parts)))
 
-    async def rerank(self, query: str, documents: list[str]) -> RerankBatch:
+    async def rerank(self, query: str, documents: list[str], lane: str = "interactive") -> RerankBatch:
         parts = [documents[i : i + MAX_BATCH] for i in range(0, len(documents), MAX_BATCH)]
         return joined(await asyncio.gather(*(self._rerank_batch([(query, d) for d in part]) for part in parts)))
 

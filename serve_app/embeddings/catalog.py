@@ -76,8 +76,10 @@ class ModelCatalog:
         refresh_s: float,
         timeout_s: float,
         listing_ttl_s: float = 5.0,
+        lane: str = "interactive",
     ) -> None:
         self.pinned = pinned
+        self.lane = lane  # of the pool's clients, as of the pinned ones
         self.pool = pool
         self.repository = repository
         self.refresh_s = refresh_s
@@ -236,7 +238,12 @@ class ModelCatalog:
             assert self.pool is not None
             handle = self.pool.options(multiplexed_model_id=key)
             client = ModelClient(
-                name, handle, refresh_s=self.refresh_s, timeout_s=self.timeout_s, info_timeout_s=self.timeout_s
+                name,
+                handle,
+                refresh_s=self.refresh_s,
+                timeout_s=self.timeout_s,
+                info_timeout_s=self.timeout_s,
+                lane=self.lane,
             )
             self._pool_clients[key] = client
             if len(self._pool_clients) > MAX_POOL_CLIENTS:

@@ -26,8 +26,10 @@ class ModelClient:
         refresh_s: float,
         timeout_s: float,
         info_timeout_s: float = 10.0,
+        lane: str = "interactive",
     ) -> None:
         self.name = name
+        self.lane = lane  # "background" for job chunks: the pinned replicas run them when no one waits
         self.handle = handle
         self.refresh_s = refresh_s
         self.timeout_s = timeout_s
@@ -61,21 +63,21 @@ class ModelClient:
         self._info = None
 
     async def embed(self, texts: list[str]) -> EmbeddingBatch:
-        return await self._call("embed", texts, timeout_s=self.timeout_s)
+        return await self._call("embed", texts, timeout_s=self.timeout_s, lane=self.lane)
 
     async def rerank(self, query: str, documents: list[str]) -> RerankBatch:
-        return await self._call("rerank", query, documents, timeout_s=self.timeout_s)
+        return await self._call("rerank", query, documents, timeout_s=self.timeout_s, lane=self.lane)
 
-    async def _call(self, method: str, *args: object, timeout_s: float):
+    async def _call(self, method: str, *args: object, timeout_s: float, **kwargs: object):
         """Both methods are pure: a call whose replica died under it (its node lost or cut off) is made
         once more, within the same time budget, and Serve routes it to a replica that lives."""
         try:
             async with asyncio.timeout(timeout_s):
                 try:
-                    return await getattr(self.handle, method).remote(*args)
+                    return await getattr(self.handle, method).remote(*args, **kwargs)
                 except RayActorError as exc:
                     logger.warning("model %s.%s: its replica died (%s); trying another", self.name, method, exc)
-                    return await getattr(self.handle, method).remote(*args)
+                    return await getattr(self.handle, method).remote(*args, **kwargs)
         except TimeoutError as exc:
             raise ServiceUnavailableError(f"model {self.name!r} did not answer within {timeout_s:g}s") from exc
         except ModelLoadError as exc:  # the pool could not load the version (Ray re-raises it as its cause)

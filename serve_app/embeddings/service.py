@@ -50,13 +50,16 @@ def estimate_tokens(text: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> int:
     return min(max_tokens, math.ceil(chars / 4) + len(_ONE_TOKEN_EACH.findall(text)) + 2)
 
 
-def split_by_tokens(texts: list[Item], costs: list[int], max_tokens: int) -> list[tuple[list[Item], int]]:
-    """Consecutive items grouped into model calls of at most max_tokens (one bigger alone goes alone)."""
+def split_by_tokens(
+    texts: list[Item], costs: list[int], max_tokens: int, max_items: int | None = None
+) -> list[tuple[list[Item], int]]:
+    """Consecutive items grouped into parts of at most max_tokens (one bigger alone goes alone) and at most
+    max_items items: (the items, their tokens) of each."""
     calls: list[tuple[list[Item], int]] = []
     current: list[Item] = []
     total = 0
     for text, cost in zip(texts, costs, strict=True):
-        if current and total + cost > max_tokens:
+        if current and (total + cost > max_tokens or (max_items is not None and len(current) >= max_items)):
             calls.append((current, total))
             current, total = [], 0
         current.append(text)
@@ -249,11 +252,16 @@ class EmbeddingService:
         handles: dict[str, DeploymentHandle],
         redis: GuardedRedis,
         pool: DeploymentHandle | None = None,
+        *,
+        lane: str = "interactive",
     ) -> EmbeddingService:
         """The same service for the gateway and the job workers: a client per pinned model, the on-demand
-        pool for every other model in the repository, the Redis cache."""
+        pool for every other model in the repository, the Redis cache. The job workers' calls go in the
+        `background` lane (deployments/batcher.py)."""
         models = {
-            name: ModelClient(name, handle, refresh_s=settings.model_info_refresh_s, timeout_s=settings.model_timeout_s)
+            name: ModelClient(
+                name, handle, refresh_s=settings.model_info_refresh_s, timeout_s=settings.model_timeout_s, lane=lane
+            )
             for name, handle in handles.items()
         }
         catalog = ModelCatalog(
@@ -263,6 +271,7 @@ class EmbeddingService:
             refresh_s=settings.model_info_refresh_s,
             timeout_s=settings.model_timeout_s,
             listing_ttl_s=settings.model_listing_ttl_s,
+            lane=lane,
         )
         return cls(
             models,

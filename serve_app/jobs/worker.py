@@ -37,7 +37,7 @@ class JobWorkerRuntime:
         self.settings = settings
         self.clients = Clients.from_settings(settings)
         self.store = JobStore(self.clients.db, settings, self.clients.redis)
-        embeddings = EmbeddingService.from_settings(settings, models, self.clients.redis, pool)
+        embeddings = EmbeddingService.from_settings(settings, models, self.clients.redis, pool, lane="background")
         self.runner = JobRunner(settings, self.store, embeddings, JobObjects(settings))
         self.publisher = JobPublisher(settings)
         self.outbound = Outbound.from_settings(settings)

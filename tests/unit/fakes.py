@@ -24,9 +24,9 @@ class _Method:
     def __init__(self, fn) -> None:
         self.fn = fn
 
-    def remote(self, *args):
+    def remote(self, *args, **kwargs):
         async def call():
-            result = self.fn(*args)
+            result = self.fn(*args, **kwargs)
             return await result if inspect.isawaitable(result) else result
 
         return call()
@@ -47,17 +47,19 @@ class FakeModelHandle:
         self.delay_s = 0.0  # how long each embed call takes (then calls can overlap)
         self.active = 0
         self.max_active = 0  # the most embed calls in progress at once
+        self.lanes: list[str] = []  # the lane each embed or rerank call asked for
 
-    async def _embed_slowly(self, texts: list[str]) -> EmbeddingBatch:
+    async def _embed_slowly(self, texts: list[str], lane: str = "interactive") -> EmbeddingBatch:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
             await asyncio.sleep(self.delay_s)
-            return self._embed(texts)
+            return self._embed(texts, lane)
         finally:
             self.active -= 1
 
-    def _embed(self, texts: list[str]) -> EmbeddingBatch:
+    def _embed(self, texts: list[str], lane: str = "interactive") -> EmbeddingBatch:
+        self.lanes.append(lane)
         if self.replica_deaths:
             self.replica_deaths -= 1
             raise ActorDiedError()
@@ -71,7 +73,8 @@ class FakeModelHandle:
             token_counts=[len(t.split()) + 2 for t in texts],
         )
 
-    async def _rerank(self, query: str, documents: list[str]) -> RerankBatch:
+    async def _rerank(self, query: str, documents: list[str], lane: str = "interactive") -> RerankBatch:
+        self.lanes.append(lane)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:

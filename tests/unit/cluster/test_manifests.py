@@ -317,6 +317,13 @@ def serve_schema_problems(config: dict) -> list[str]:
             check(where, deployment, DeploymentSchema)
             check(f"{where}.ray_actor_options", deployment.get("ray_actor_options", {}), RayActorOptionsSchema)
             check(f"{where}.autoscaling_config", deployment.get("autoscaling_config", {}), AutoscalingConfig)
+            if deployment["name"] == "EmbeddingModel" or deployment["name"].startswith("Pinned-"):
+                # Serve passes user_config through unchecked; the replica's ModelConfig refuses unknown keys.
+                from deployments.embedding_model import ModelConfig
+
+                user_config = deployment.get("user_config", {})
+                check(f"{where}.user_config", user_config, ModelConfig)
+                ModelConfig.model_validate(user_config)
     return problems
 
 

@@ -41,6 +41,8 @@ def test_scores_equal_transformers_sigmoid_of_the_logit(reranker_dir):
     np.testing.assert_allclose(scored.scores, expected, atol=1e-4)
     assert all(0 <= s <= 1 for s in scored.scores)
     assert scored.token_counts == [len(tokenizer(query, d)["input_ids"]) for d in documents]
+    # What batches are bounded by is what the forward pass reads.
+    assert CrossEncoder(reranker_dir).count_tokens([(query, d) for d in documents]) == scored.token_counts
 
 
 def test_a_cross_encoder_directory_is_a_rerank_model(reranker_dir):

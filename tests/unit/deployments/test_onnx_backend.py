@@ -63,6 +63,9 @@ def test_an_embedding_export_equals_torch_and_leaves_the_model_directory_alone(e
     on_onnx = SentenceEncoder(embedder, backend="onnx", onnx_path=directory / ONNX_FILE, threads=1).encode(texts)
     np.testing.assert_allclose(on_onnx.vectors, on_torch.vectors, atol=1e-5)
     assert on_onnx.token_counts == on_torch.token_counts
+    # What batches are bounded by is what the forward pass reads (truncation included).
+    long = [*texts, "word " * 1000]
+    assert SentenceEncoder(embedder).count_tokens(long) == SentenceEncoder(embedder).encode(long).token_counts
 
 
 def test_a_cross_encoder_export_scores_as_torch_does(tmp_path):

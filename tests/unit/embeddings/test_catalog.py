@@ -231,3 +231,11 @@ def test_an_asked_for_version_is_never_answered_by_another():
     asked, bare = asyncio.run(run())
     assert asked.version == "1"  # from the pool, not the deployment that moved on
     assert bare.version == "2"
+
+
+def test_the_pools_clients_ask_for_the_catalogs_lane(repository):
+    pinned = {"fake-model": ModelClient("fake-model", FakeModelHandle(), refresh_s=60, timeout_s=5, lane="background")}
+    catalog = ModelCatalog(pinned, FakePool(), repository, refresh_s=60, timeout_s=5, lane="background")
+    resolved = asyncio.run(catalog.resolve("other:a", "embed"))
+    assert resolved.client.handle.model_id == "other:a"
+    assert resolved.client.lane == "background"

@@ -80,3 +80,12 @@ def test_a_failing_model_is_service_unavailable():
     handle.fail = True
     with pytest.raises(ServiceUnavailableError, match="unavailable"):
         run(make_service(handle, DictCache()).embed(handle.name, ["x"]))
+
+
+def test_each_model_call_goes_in_its_clients_lane():
+    """The job workers' clients ask for the background lane (the pinned replicas run it when no one waits)."""
+    handle, cache = FakeModelHandle(), DictCache()
+    background = ModelClient(handle.name, handle, refresh_s=60, timeout_s=5, lane="background")
+    run(EmbeddingService({handle.name: background}, cache).embed(handle.name, ["a", "b"]))
+    run(make_service(handle, cache).embed(handle.name, ["c"]))
+    assert handle.lanes == ["background", "interactive"]

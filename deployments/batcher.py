@@ -1,0 +1,195 @@
+"""A model replica's batcher: people first, jobs when no one waits; batches bounded by texts and by tokens.
+
+It takes the place of `@serve.batch` in the pinned model deployment, for two things Serve's batching
+does not do:
+
+- **Two lanes.** A request is `interactive` (a person waits on it: the gateway's synchronous
+  routes) or `background` (a job chunk). A batch is drawn from the interactive lane whenever anything
+  waits there, and from the background lane only when nothing does, so a large job soaks up idle
+  capacity without queueing ahead of people. A background batch is also held to
+  `background_max_texts`, so an interactive request that arrives while one runs waits for a short
+  pass, not a long one. Jobs are not starved by a steady trickle of people: a batch is taken
+  whenever the replica is free, and the moment the interactive lane is empty is enough.
+- **Token bounds.** Besides `max_texts`, a batch holds at most `max_tokens` tokens (the real counts
+  from the model's tokenizer), so a few long texts make a small batch, not one that takes seconds.
+  An entry larger than a bound still runs, alone.
+
+Like Serve's batching with `batch_wait_timeout_s: 0` (measured best here; docs/benchmarks.md), a
+request that reaches an idle replica starts at once, and a batch is made of what queued while the
+previous one ran: one batch runs at a time. A caller that leaves (a cancelled request) is dropped
+from the queue before its batch forms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
+
+logger = logging.getLogger("ray.serve")
+
+Lane = Literal["interactive", "background"]
+LANES: tuple[Lane, ...] = ("interactive", "background")  # the order batches are drawn in
+R = TypeVar("R")
+
+
+@dataclass(eq=False)
+class _Entry:
+    items: Sequence[object]
+    tokens: int
+    lane: Lane
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class BatchFormed:
+    """What the batcher tells `on_batch` about each batch it runs (for metrics)."""
+
+    lane: Lane
+    requests: int
+    items: int
+    tokens: int
+    waits_s: list[float]  # how long each request queued
+
+
+class PriorityBatcher(Generic[R]):
+    """Runs `run(requests)` (one result per request, in order) over batches of queued requests."""
+
+    def __init__(
+        self,
+        run: Callable[[list[Sequence[object]]], Awaitable[list[R]]],
+        *,
+        max_texts: int = 64,
+        max_tokens: int = 2048,
+        background_max_texts: int = 16,
+        wait_s: float = 0.0,
+        on_batch: Callable[[BatchFormed], None] | None = None,
+    ) -> None:
+        self._run = run
+        self._on_batch = on_batch
+        self.configure(
+            max_texts=max_texts, max_tokens=max_tokens, background_max_texts=background_max_texts, wait_s=wait_s
+        )
+        self._queues: dict[Lane, deque[_Entry]] = {lane: deque() for lane in LANES}
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    def configure(self, *, max_texts: int, max_tokens: int, background_max_texts: int, wait_s: float) -> None:
+        """New bounds, applied from the next batch on."""
+        if min(max_texts, max_tokens, background_max_texts) < 1 or wait_s < 0:
+            raise ValueError("batch bounds are at least 1, and the wait is not negative")
+        self.max_texts = max_texts
+        self.max_tokens = max_tokens
+        self.background_max_texts = background_max_texts
+        self.wait_s = wait_s
+
+    def limits(self, lane: Lane) -> tuple[int, int]:
+        """(texts, tokens) a batch of this lane holds at most."""
+        texts = self.max_texts if lane == "interactive" else min(self.max_texts, self.background_max_texts)
+        return texts, self.max_tokens
+
+    def queued(self, lane: Lane) -> int:
+        return sum(1 for entry in self._queues[lane] if not entry.future.done())
+
+    async def submit(self, items: Sequence[object], tokens: int, lane: Lane = "interactive") -> R:
+        """The result of `items` (one request) once a batch has run it."""
+        if lane not in LANES:
+            raise ValueError(f"lane {lane!r} is not one of {LANES}")
+        loop = asyncio.get_running_loop()
+        entry = _Entry(items=items, tokens=tokens, lane=lane, future=loop.create_future())
+        self._queues[lane].append(entry)
+        self._ensure_worker(loop)
+        assert self._wake is not None
+        self._wake.set()
+        return await entry.future  # a caller cancelled here cancels the future: its entry is skipped
+
+    def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._worker is not None and not self._worker.done() and self._worker.get_loop() is loop:
+            return
+        if self._worker is not None and self._worker.done() and not self._worker.cancelled():
+            logger.error("the batcher's worker had stopped (%r); starting it again", self._worker.exception())
+        self._wake = asyncio.Event()
+        self._worker = loop.create_task(self._work(), name="priority-batcher")
+
+    async def _work(self) -> None:
+        assert self._wake is not None
+        while True:
+            batch = self._take()
+            if not batch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._run_batch(batch)
+
+    def _take(self) -> list[_Entry]:
+        """The next batch: the first lane with a live entry, its entries in order while they fit."""
+        for lane in LANES:
+            queue = self._queues[lane]
+            while queue and queue[0].future.done():
+                queue.popleft()
+            if queue:
+                break
+        else:
+            return []
+        return self._fill([queue.popleft()])
+
+    async def _run_batch(self, batch: list[_Entry]) -> None:
+        if self.wait_s > 0:  # an idle wait for more to queue (measured slower here; kept for other machines)
+            await asyncio.sleep(self.wait_s)
+            batch = self._fill(batch)
+        batch = [entry for entry in batch if not entry.future.done()]
+        if not batch:
+            return
+        now = time.monotonic()
+        if self._on_batch is not None:
+            try:
+                self._on_batch(
+                    BatchFormed(
+                        lane=batch[0].lane,
+                        requests=len(batch),
+                        items=sum(len(entry.items) for entry in batch),
+                        tokens=sum(entry.tokens for entry in batch),
+                        waits_s=[now - entry.queued_at for entry in batch],
+                    )
+                )
+            except Exception:  # metrics never fail a batch
+                logger.exception("recording a batch failed")
+        try:
+            results = await self._run([entry.items for entry in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} requests returned {len(results)} results")
+        except Exception as exc:
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+            return
+        except BaseException:  # the worker itself is cancelled (the replica stops): nobody waits forever
+            for entry in batch:
+                entry.future.cancel()
+            raise
+        for entry, result in zip(batch, results, strict=True):
+            if not entry.future.done():
+                entry.future.set_result(result)
+
+    def _fill(self, batch: list[_Entry]) -> list[_Entry]:
+        """More of the batch's lane, in order, while it fits its bounds."""
+        max_texts, max_tokens = self.limits(batch[0].lane)
+        texts = sum(len(entry.items) for entry in batch)
+        tokens = sum(entry.tokens for entry in batch)
+        queue = self._queues[batch[0].lane]
+        while queue:
+            entry = queue[0]
+            if entry.future.done():
+                queue.popleft()
+                continue
+            if texts + len(entry.items) > max_texts or tokens + entry.tokens > max_tokens:
+                break
+            batch.append(queue.popleft())
+            texts += len(entry.items)
+            tokens += entry.tokens
+        return batch
