@@ -49,6 +49,11 @@ class ModelConfig(BaseModel):
         description="Texts per batch of job chunks, which run only while no interactive request waits: an "
         "interactive request that comes meanwhile waits for a short pass.",
     )
+    interactive_first: bool = Field(
+        True,
+        description="Job chunks (the background lane) run only while no interactive request waits; false: one "
+        "queue, first come first served (what it was before; kept to measure against).",
+    )
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="How long a batch waits to fill; 0: it takes what queued during the last forward pass."
     )
@@ -209,6 +214,8 @@ class EmbeddingModel:
 
     async def _answer(self, task: str, items: list, lane: Lane) -> EmbeddingBatch | RerankBatch:
         loaded = self._require_loaded(task)  # the wrong task is refused here, never queued
+        if not self.config.interactive_first:
+            lane = "interactive"
         max_texts, max_tokens = self.batcher.limits(lane)
         parts = split_by_tokens(items, loaded.encoder.count_tokens(items), max_tokens, max_texts)
         answers = await asyncio.gather(*(self.batcher.submit(part, tokens, lane) for part, tokens in parts))

@@ -3,15 +3,20 @@
     python -m loadtests.bench            # full run (a few minutes); needs `make up`
     python -m loadtests.bench --quick    # a smoke run of every setup (seconds each)
 
-Setups: raw (model in-process, all cores), plain (FastAPI + uvicorn, model in-process), serve
-(Serve directly, every item a cache miss), full (through NGINX, misses), cached (through NGINX,
-every item a hit), jobs (the same items as one asynchronous job), ondemand (the same weights pushed
-under another name, so the multiplexed ModelPool serves them, through NGINX, misses), rerank (a
-MiniLM-L6 cross-encoder, the default model's encoder with a fresh one-label head, on demand through
-NGINX /v1/rerank, every pair new, against the same cross-encoder in-process, all cores). One experiment is not in the
-default run: fused (loadtests/fused_app.py, the gateway and the model in one deployment, reached
-like serve; `--setups serve,fused`). The load generator is its own
-process and reports the CPU it used. Writes results.json and chart.png to the results directory
+Setups: ceiling (the bare model in-process: the best backend, layout and batch size, from `make
+ceiling`'s stored result taken on an idle machine, or taken now with the cluster up and flagged),
+plain (FastAPI + uvicorn, model in-process), serve (Serve directly, every item a cache miss), full
+(through NGINX, misses), cached (through NGINX, every item a hit), jobs (the same items as one
+asynchronous job), ondemand (the same weights pushed under another name, so the multiplexed ModelPool
+serves them, through NGINX, misses), rerank (a MiniLM-L6 cross-encoder, the default model's encoder
+with a fresh one-label head, on demand through NGINX /v1/rerank, every pair new, against the same
+cross-encoder in-process, all cores). plain, serve, full and cached run in two rounds, interleaved
+(A B C D A B C D); the report gives both and flags a spread over 15%. A ratio against the ceiling of
+the backend served above 1.0 fails the run as a measurement error. Experiments not in the default
+run: backends, batchwait, priority (sync requests next to a 3,000-text job, lanes off and on), cold
+(a burst after a minute idle), and fused (loadtests/fused_app.py, the gateway and the model in one
+deployment, reached like serve); name them with `--setups`. The load generator is its own process
+and reports the CPU it used. Writes results.json and chart.png to the results directory
 and, for a full run, the tables in docs/benchmarks.md.
 """
 
@@ -43,16 +48,59 @@ from serve_app.settings import REPO_ROOT
 MODEL = "all-minilm-l6-v2"
 METRICS_SETTLE_S = 5.0  # Ray exports metrics every 2 s (RAY_metrics_report_interval_ms); wait two rounds
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
-ALL_SETUPS = ("raw", "plain", "serve", "full", "cached", "jobs", "ondemand", "rerank")
+ALL_SETUPS = ("ceiling", "plain", "serve", "full", "cached", "jobs", "ondemand", "rerank")
+IN_ROUNDS = ("plain", "serve", "full", "cached")  # measured in rounds, interleaved (A B C D A B C D)
+ROUNDS = 2
+SPREAD_FLAG = 0.15  # rounds of one point further apart than this are flagged
+CEILING_FILE = REPO_ROOT / "loadtests" / "results" / "ceiling.json"  # what `make ceiling` writes
+CEILING_MAX_AGE_S = 7 * 86400
 ONDEMAND_MODEL = "bench-ondemand"  # the default model's weights under a name the Serve config does not pin
 RERANK_MODEL = "bench-reranker"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def is_above_ceiling(name: str, value: float | None) -> bool:
-    """A ratio against the bare model ("<setup>/raw") above 1.0: the stack cannot beat the model it runs,
-    so such a ratio is a measurement error (a ceiling taken badly, a noisy moment), not a result."""
-    return "/raw" in name and value is not None and value > 1.0
+    """A ratio against the bare model on the same backend ("<setup>/ceiling ...", "<setup>/raw ...") above 1.0:
+    the stack cannot beat the model it runs, so such a ratio is a measurement error (a ceiling taken badly, a
+    noisy moment), not a result. Against another backend's ceiling ("/torch ceiling") it may be above 1."""
+    return ("/raw" in name or "/ceiling" in name) and value is not None and value > 1.0
+
+
+def stored_ceiling(path: Path = CEILING_FILE) -> tuple[dict | None, str]:
+    """`make ceiling`'s result, if it was taken on this kind of machine in the last week: (it, why or why not)."""
+    from loadtests.ceiling import cpu_name
+
+    if not path.exists():
+        return None, f"no {path.name} (run `make ceiling` with the cluster down)"
+    result = json.loads(path.read_text())
+    if (result.get("cpu"), result.get("cores")) != (cpu_name(), os.cpu_count()):
+        return None, f"{path.name} was taken on another machine ({result.get('cpu')}, {result.get('cores')} cores)"
+    taken = datetime.fromisoformat(result["when"])
+    if (datetime.now(UTC) - taken).total_seconds() > CEILING_MAX_AGE_S:
+        return None, f"{path.name} is older than a week ({result['when']})"
+    return result, f"{path.name}, taken {result['when']} by `make ceiling`"
+
+
+def best_of(ceiling: dict, backend: str) -> float:
+    """A backend's ceiling: its best layout at its best batch size."""
+    return max((row["texts_per_s"] for row in ceiling.get("best", {}).get(backend, {}).values()), default=0.0)
+
+
+def spread_flags(runs: list[dict]) -> list[str]:
+    """Points measured in rounds whose rounds are further apart than SPREAD_FLAG."""
+    by_point: dict[tuple, list[float]] = {}
+    for run in runs:
+        if "round" in run:
+            by_point.setdefault((run["setup"], run["size"], run["concurrency"]), []).append(run["items_per_s"])
+    flags = []
+    for (setup, size, concurrency), values in by_point.items():
+        if len(values) > 1 and max(values) > 0 and (max(values) - min(values)) / max(values) > SPREAD_FLAG:
+            spread = (max(values) - min(values)) / max(values)
+            flags.append(
+                f"{setup} size {size} x{concurrency}: rounds {', '.join(f'{v:.1f}' for v in values)} "
+                f"spread {spread:.0%} (over {SPREAD_FLAG:.0%})"
+            )
+    return flags
 
 
 def above_ceiling(ratios: dict[str, float | None]) -> list[str]:
@@ -77,7 +125,9 @@ class Bench:
         self.duration_s = duration_s
         self.job_items = job_items
         self.fresh_start = int(time.time() * 1000) % 10**6 * 1000  # texts this run alone sends
-        self.results: dict = {"runs": [], "raw": {}, "jobs": {}, "raw_rerank": {}}
+        self.results: dict = {"runs": [], "ceiling": {}, "jobs": {}, "raw_rerank": {}}
+        self.round: int | None = None  # the round of the points being measured, for the setups in rounds
+        self.quick = False
         # Its own key without a rate limit or job quota: the limit is still looked up and applied.
         self.api_key = asyncio.run(
             issue_key(
@@ -151,6 +201,8 @@ class Bench:
                 else:
                     run["mean_batch_texts"] = size if setup == "plain" else "-"  # plain: one request, one batch
                 run |= {"setup": setup, "size": size, "concurrency": concurrency}
+                if self.round is not None:
+                    run["round"] = self.round
                 self.results["runs"].append(run)
                 print(
                     f"  {setup:<7} size {size:>2} x{concurrency:<3} {run['items_per_s']:>8.1f} items/s "
@@ -160,18 +212,38 @@ class Bench:
                     flush=True,
                 )
 
-    def raw(self) -> None:
-        sizes = ",".join(str(s) for s in self.sizes)
-        result = subprocess.run(
-            [sys.executable, "-m", "loadtests.raw_model", "--sizes", sizes, "--duration", str(self.duration_s)],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=REPO_ROOT,
-        )
-        self.results["raw"] = json.loads(result.stdout.strip().splitlines()[-1])
-        for size, row in self.results["raw"]["by_batch_size"].items():
-            print(f"  raw     batch {size:>2}      {row['items_per_s']:>8.1f} items/s", flush=True)
+    def ceiling(self) -> None:
+        """The bare model's best on this machine: `make ceiling`'s stored result (taken idle, cluster down) when
+        there is a recent one; else taken now, with the cluster up, which its flags then say."""
+        result, why = (None, "a --quick run takes its own") if self.quick else stored_ceiling()
+        if result is None:
+            print(f"  {why}: taking the ceiling now, with the cluster up (expect 'not idle' flags)", flush=True)
+            path = self.out / "ceiling.json"
+            rounds, duration = ("1", "1") if self.quick else (str(ROUNDS), "6")
+            # Batch 16 and 64 (a 16-text request's batches are up to 64 texts); a quick run: the largest size only.
+            sizes = str(max(self.sizes)) if self.quick else ",".join(str(s) for s in sorted({*self.sizes, 64}) if s > 1)
+            subprocess.run(
+                [
+                    *(sys.executable, "-m", "loadtests.ceiling", "--json", str(path), "--sizes", sizes),
+                    *("--rounds", rounds, "--duration", duration),
+                ],
+                check=True,
+                cwd=REPO_ROOT,
+                stdout=subprocess.DEVNULL,
+            )
+            result, why = json.loads(path.read_text()), "taken during this run, with the cluster up"
+        self.results["ceiling"] = result | {"source": why}
+        for backend, sizes in result["best"].items():
+            for size, row in sizes.items():
+                print(f"  ceiling {backend:<5} batch {size:>2} {row['texts_per_s']:>8.1f} texts/s ({row['layout']})")
+        for flag in result["flags"]:
+            print(f"  ceiling FLAG: {flag}", flush=True)
+        print(f"  ({why})", flush=True)
+
+    def served_backend(self) -> str:
+        """What the pinned model runs on now (GET /v1/models/{model})."""
+        response = httpx.get(f"{self.settings.public_url}/v1/models/{MODEL}", headers=self.headers, timeout=30)
+        return response.json().get("backend", "torch") if response.status_code == 200 else "torch"
 
     def ondemand(self) -> None:
         """The default model's weights as a model the Serve config does not pin: the pool serves it."""
@@ -294,6 +366,117 @@ class Bench:
             {"batch_wait_timeout_s": 0.0},
         )
 
+    def priority(self, job_items: int = 3000, clients: int = 8, size: int = 16) -> None:
+        """Synchronous requests next to one large job, with the model's lanes on (job chunks run only while no
+        request waits) and off (one queue, first come first served), A B A B. Each variant measures the sync
+        load alone, the job alone, then both at once: sync p95 during the job against alone, and the job's
+        rate (its progress over the same window) during the sync load against alone."""
+        from cluster.models import set_user_config
+
+        url = f"{self.settings.public_url}/v1/embeddings"
+        try:
+            for number in (1, 2):
+                for label, first in (("fifo", False), ("lanes", True)):
+                    set_user_config(self.settings, MODEL, interactive_first=first)
+                    self.warm_replicas()
+                    alone = self.loadgen(url, clients, size, "fresh")
+                    solo_rate = self.job_rate(job_items)
+                    shared_rate, during = self.job_rate(job_items, lambda: self.start_loadgen(url, clients, size))
+                    row = {
+                        "variant": label,
+                        "round": number,
+                        "sync_p95_alone_ms": alone["p95_ms"],
+                        "sync_p95_during_job_ms": during["p95_ms"],
+                        "sync_texts_per_s_alone": alone["items_per_s"],
+                        "sync_texts_per_s_during_job": during["items_per_s"],
+                        "job_texts_per_s_alone": solo_rate,
+                        "job_texts_per_s_during_sync": shared_rate,
+                        "sync_errors": alone["errors"] + during["errors"],
+                    }
+                    row["p95_during/alone"] = round(during["p95_ms"] / alone["p95_ms"], 3)
+                    row["job_shared/solo"] = round(shared_rate / solo_rate, 3) if solo_rate else None
+                    self.results.setdefault("priority", []).append(row)
+                    print(
+                        f"  round {number} {label:<5} sync p95 {alone['p95_ms']:>7.1f} ms alone, "
+                        f"{during['p95_ms']:>7.1f} ms during the job ({row['p95_during/alone']}x); job "
+                        f"{solo_rate:>6.1f} texts/s alone, {shared_rate:>6.1f} during sync ({row['job_shared/solo']})",
+                        flush=True,
+                    )
+        finally:
+            set_user_config(self.settings, MODEL, interactive_first=True)
+
+    def cold(self, idle_s: float = 60.0, window_s: float = 20.0, clients: int = 32, size: int = 16) -> None:
+        """A 32-client burst after the cluster sat idle (no requests for idle_s), its first window_s against the
+        window_s right after it (steady), twice. The pinned model's replicas are min_replicas: 2 = max_replicas
+        on this machine, so idle costs no replica; this shows whether anything else is cold."""
+        url = f"{self.settings.public_url}/v1/embeddings"
+        duration = self.duration_s
+        try:
+            self.duration_s = window_s
+            for number in (1, 2):
+                time.sleep(idle_s)
+                first = self.loadgen(url, clients, size, "fresh")
+                steady = self.loadgen(url, clients, size, "fresh")
+                row = {
+                    "round": number,
+                    "idle_s": idle_s,
+                    "first_texts_per_s": first["items_per_s"],
+                    "steady_texts_per_s": steady["items_per_s"],
+                    "first_p99_ms": first["p99_ms"],
+                    "steady_p99_ms": steady["p99_ms"],
+                    "errors": first["errors"] + steady["errors"],
+                    "first/steady": round(first["items_per_s"] / steady["items_per_s"], 3),
+                }
+                self.results.setdefault("cold", []).append(row)
+                print(
+                    f"  round {number}: after {idle_s:g} s idle, first {window_s:g} s {first['items_per_s']:>7.1f} "
+                    f"texts/s, the next {window_s:g} s {steady['items_per_s']:>7.1f} ({row['first/steady']})",
+                    flush=True,
+                )
+        finally:
+            self.duration_s = duration
+
+    def start_loadgen(self, url: str, concurrency: int, size: int) -> subprocess.Popen:
+        self.fresh_start += 10**6
+        command = [
+            sys.executable, "-m", "loadtests.loadgen", url, "--concurrency", str(concurrency), "--size", str(size),
+            "--duration", str(self.duration_s), "--mode", "fresh", "--start", str(self.fresh_start),
+        ]  # fmt: skip
+        env = {**os.environ, API_KEY_ENV: self.api_key}
+        return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
+
+    def job_rate(self, items: int, beside=None):
+        """A job of fresh texts: its rate in texts/s over one window of duration_s once it runs (its progress at
+        the window's ends). With `beside` (starting a load generator), the window is that load's, and its
+        result comes back too."""
+        self.fresh_start += 10**6
+        texts = next(fresh_batches(items, self.fresh_start + 5 * 10**8))
+        api = f"{self.settings.public_url}/v1/jobs"
+        job = httpx.post(api, json={"model": MODEL, "input": texts}, headers=self.headers, timeout=120).json()
+
+        def progress() -> tuple[float, int, str]:
+            view = httpx.get(f"{api}/{job['id']}", headers=self.headers, timeout=30).json()
+            return time.perf_counter(), view["progress"]["done"], view["status"]
+
+        while (sample := progress())[2] == "queued" or sample[1] == 0:
+            time.sleep(0.05)
+        process = beside() if beside else None
+        began = progress()
+        end = began[0] + self.duration_s
+        last = began
+        while last[0] < end and last[2] == "running":
+            time.sleep(0.25)
+            last = progress()
+        rate = (last[1] - began[1]) / (last[0] - began[0])
+        result = None
+        if process is not None:
+            out, _ = process.communicate(timeout=self.duration_s + 120)
+            result = json.loads(out.strip().splitlines()[-1])
+        httpx.delete(f"{api}/{job['id']}", headers=self.headers, timeout=30)  # what is left of it: not needed
+        while progress()[2] not in ("succeeded", "failed", "cancelled"):
+            time.sleep(0.2)
+        return (round(rate, 2), result) if beside else round(rate, 2)
+
     def interleaved(self, variants: dict[str, dict], restore: dict, rounds: int = 2) -> None:
         """The full stack under each variant of the pinned model's user_config (set live), in rounds in the
         same order (A B A B), each round's points kept so the spread shows; `restore` afterwards."""
@@ -359,16 +542,20 @@ class Bench:
 
     def ratios(self) -> dict:
         big, top = max(self.sizes), max(self.levels)
-        raw = self.results["raw"].get("by_batch_size", {}).get(str(big), {}).get("items_per_s", 0.0)
+        backend = self.results.get("served_backend", "torch")
+        ceiling = best_of(self.results["ceiling"], backend)
 
         def ratio(a: float, b: float) -> float | None:
             return round(a / b, 3) if a and b else None
 
         return {
-            f"full/raw (size {big}, saturation)": ratio(self.best("full", big), raw),
+            f"full/ceiling ({backend}, size {big}, steady)": ratio(self.best("full", big), ceiling),
+            f"full/torch ceiling (size {big}, steady)": ratio(
+                self.best("full", big), best_of(self.results["ceiling"], "torch")
+            ),
             f"full/plain (size {big}, {top} clients)": ratio(self.best("full", big, top), self.best("plain", big, top)),
             f"full/plain (size 1, {top} clients)": ratio(self.best("full", 1, top), self.best("plain", 1, top)),
-            f"serve/raw (size {big}, saturation)": ratio(self.best("serve", big), raw),
+            f"serve/ceiling ({backend}, size {big}, steady)": ratio(self.best("serve", big), ceiling),
             f"cached/plain (size {big}, {top} clients)": ratio(
                 self.best("cached", big, top), self.best("plain", big, top)
             ),
@@ -385,25 +572,42 @@ class Bench:
         }
 
     def experiment_ratios(self) -> dict:
-        """The ratios of the setups a default run leaves out (backends, batchwait), where they ran."""
+        """The ratios of the setups a default run leaves out (backends, batchwait, priority), where they ran."""
         big = max(self.sizes)
         measured = {r["setup"] for r in self.results["runs"]}
         pairs = {"full-onnx/full-torch": ("full-onnx", "full-torch"), "wait-0ms/wait-5ms": ("wait-0ms", "wait-5ms")}
-        return {
+        ratios = {
             f"{name} (size {big}, saturation)": round(self.best(a, big) / self.best(b, big), 3)
             for name, (a, b) in pairs.items()
             if {a, b} <= measured and self.best(b, big)
         }
+        p50 = {}
+        for setup in ("full", "plain"):
+            single = [
+                r["p50_ms"] for r in self.results["runs"] if (r["setup"], r["size"], r["concurrency"]) == (setup, 1, 1)
+            ]
+            if single:
+                p50[setup] = min(single)
+        if len(p50) == 2:
+            ratios["full p50 - plain p50 (1 text, 1 client, best rounds), ms"] = round(p50["full"] - p50["plain"], 1)
+        if rows := self.results.get("cold"):
+            ratios["first 20 s from idle/steady (32 clients, 16 texts, worse round)"] = min(
+                r["first/steady"] for r in rows
+            )
+        for variant in ("fifo", "lanes"):
+            rows = [r for r in self.results.get("priority", []) if r["variant"] == variant]
+            if rows:
+                worst_p95 = max(r["p95_during/alone"] for r in rows)
+                ratios[f"sync p95 during a job/alone ({variant}, worse round)"] = worst_p95
+                ratios[f"job rate beside sync/alone ({variant}, worse round)"] = min(
+                    r["job_shared/solo"] or 0.0 for r in rows
+                )
+        return ratios
 
     def machine(self) -> dict:
-        cpu = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
+        from loadtests.ceiling import cpu_name
+
+        cpu = cpu_name()
         memory_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
         import ray
         import torch
@@ -433,9 +637,9 @@ class Bench:
                     key=lambda r: r["concurrency"],
                 )
                 ax.plot([r["concurrency"] for r in rows], [r["items_per_s"] for r in rows], marker="o", label=setup)
-            raw = self.results["raw"].get("by_batch_size", {}).get(str(size), {}).get("items_per_s")
-            if raw:
-                ax.axhline(raw, linestyle="--", color="grey", label=f"raw (batch {size})")
+            backend = self.results.get("served_backend", "torch")
+            if ceiling := best_of(self.results["ceiling"], backend):
+                ax.axhline(ceiling, linestyle="--", color="grey", label=f"ceiling ({backend})")
             ax.set(title=f"{size} text(s) per request", xlabel="concurrent clients", ylabel="texts/s", xscale="log")
             ax.legend()
         ax = axes[-1]
@@ -470,24 +674,34 @@ class Bench:
             "| --- | --- |",
             *(f"| {k} | {self._shown_ratio(k, v)} |" for k, v in self.results["ratios"].items()),
             "",
-            "| setup | texts/request | clients | texts/s | requests/s | p50 ms | p95 ms | p99 ms | mean batch | "
-            "load generator CPU |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"Ceiling: {self.results['ceiling'].get('source', 'not taken')}. The pinned model served on "
+            f"{self.results.get('served_backend', 'torch')}.",
+            "",
+            *(f"- FLAG: {flag}" for flag in self.results.get("flags", [])),
+            "",
+            "| setup | round | texts/request | clients | texts/s | requests/s | p50 ms | p95 ms | p99 ms "
+            "| mean batch | load generator CPU |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for size, row in self.results["raw"]["by_batch_size"].items():
-            lines.append(f"| raw | {size} (batch) | - | {row['items_per_s']} | - | - | - | - | {size} | - |")
+        for backend, sizes in self.results["ceiling"].get("best", {}).items():
+            for size, row in sizes.items():
+                lines.append(
+                    f"| ceiling {backend} ({row['layout']}) | best | {size} (batch) | - | {row['texts_per_s']} | - | - "
+                    f"| - | - | {size} | - |"
+                )
         for size, row in self.results["raw_rerank"].get("by_batch_size", {}).items():
             lines.append(
-                f"| raw rerank | {size} pairs (batch) | - | {row['items_per_s']} | - | - | - | - | {size} | - |"
+                f"| raw rerank | 1 | {size} pairs (batch) | - | {row['items_per_s']} | - | - | - | - | {size} | - |"
             )
         for r in self.results["runs"]:
             lines.append(
-                f"| {r['setup']} | {r['size']} | {r['concurrency']} | {r['items_per_s']} | {r['requests_per_s']} | "
+                f"| {r['setup']} | {r.get('round', 1)} | {r['size']} | {r['concurrency']} | {r['items_per_s']} | "
+                f"{r['requests_per_s']} | "
                 f"{r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['mean_batch_texts']} | "
                 f"{r['loadgen_cpu_share']:.0%} |"
             )
         j = self.results["jobs"]
-        lines.append(f"| jobs | {j['items']} (one job) | - | {j['items_per_s']} | - | - | - | - | - | - |")
+        lines.append(f"| jobs | 1 | {j['items']} (one job) | - | {j['items_per_s']} | - | - | - | - | - | - |")
         lines += ["", "![throughput and latency](benchmarks.png)"]
         return "\n".join(lines)
 
@@ -501,22 +715,33 @@ class Bench:
     def run(self, setups: tuple[str, ...] = ALL_SETUPS) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         self.results["machine"] = self.machine()
-        if "raw" in setups:
-            print("raw: the model in-process, all cores", flush=True)
-            self.raw()
-        if "plain" in setups:
-            print("plain: FastAPI + uvicorn, model in-process", flush=True)
-            self.plain()
+        self.results["served_backend"] = self.served_backend()
+        if "ceiling" in setups:
+            print("ceiling: the bare model in-process, the best of every backend, layout and batch size", flush=True)
+            self.ceiling()
         self.warm_replicas()
-        if "serve" in setups:
-            print("serve: Serve directly, every item a cache miss", flush=True)
-            self.measure("serve", f"{self.settings.serve_url}/v1/embeddings")
+        if "cached" in setups:
+            self.warm_cache()
+        rounds = 1 if self.quick else ROUNDS
+        for number in range(1, rounds + 1):
+            self.round = number
+            if "plain" in setups:
+                print(f"plain (round {number}): FastAPI + uvicorn, model in-process", flush=True)
+                self.plain()
+            if "serve" in setups:
+                print(f"serve (round {number}): Serve directly, every item a cache miss", flush=True)
+                self.measure("serve", f"{self.settings.serve_url}/v1/embeddings")
+            if "full" in setups:
+                print(f"full (round {number}): through NGINX, every item a cache miss", flush=True)
+                self.measure("full", f"{self.settings.public_url}/v1/embeddings")
+            if "cached" in setups:
+                print(f"cached (round {number}): through NGINX, every item a cache hit", flush=True)
+                self.measure("cached", f"{self.settings.public_url}/v1/embeddings", mode="cached")
+        self.round = None
+        self.results["flags"] = spread_flags(self.results["runs"])
         if "fused" in setups:
             print("fused: gateway and model in one deployment (no handle hop), Serve directly, misses", flush=True)
             self.fused()
-        if "full" in setups:
-            print("full: through NGINX, every item a cache miss", flush=True)
-            self.measure("full", f"{self.settings.public_url}/v1/embeddings")
         if "backends" in setups:
             print(
                 "backends: through NGINX, misses, the pinned model on torch and on ONNX Runtime, interleaved",
@@ -526,10 +751,12 @@ class Bench:
         if "batchwait" in setups:
             print("batchwait: through NGINX, misses, the model's batch wait at 5 ms and at 0, interleaved", flush=True)
             self.batch_wait()
-        if "cached" in setups:
-            print("cached: through NGINX, every item a cache hit", flush=True)
-            self.warm_cache()
-            self.measure("cached", f"{self.settings.public_url}/v1/embeddings", mode="cached")
+        if "cold" in setups:
+            print("cold: 32 clients x 16 texts after a minute idle, the first 20 s against the next 20 s", flush=True)
+            self.cold()
+        if "priority" in setups:
+            print("priority: 8 clients x 16 texts next to a 3,000-text job, lanes off and on, interleaved", flush=True)
+            self.priority()
         if "jobs" in setups:
             print("jobs: the same kind of items as one asynchronous job", flush=True)
             self.jobs()
@@ -547,6 +774,8 @@ class Bench:
         print("\nratios (measured side by side in this run):")
         for name, value in self.results["ratios"].items():
             print(f"  {name:<36} {self._shown_ratio(name, value)}")
+        for flag in self.results["flags"]:
+            print(f"  FLAG: {flag}")
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
         self.chart(self.out / "chart.png")
         print(f"\nwrote {self.out / 'results.json'} and {self.out / 'chart.png'}")
@@ -575,6 +804,7 @@ def main() -> None:
     out = args.out or REPO_ROOT / "loadtests" / "results" / f"bench-{stamp}"
     if args.quick:
         bench = Bench(settings, out, sizes=[1, 16], levels=[4], duration_s=1.5, job_items=64)
+        bench.quick = True
     else:
         bench = Bench(settings, out, sizes=[1, 16], levels=[1, 8, 32], duration_s=8.0, job_items=2048)
     if args.sizes:

@@ -159,6 +159,19 @@ def onnx_export(model_dir: Path) -> tuple[Path, object]:
     return directory / ONNX_FILE, staging
 
 
+def cpu_name() -> str:
+    """This machine's CPU model, as /proc/cpuinfo names it."""
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    return next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor()
+    )
+
+
 def run(backends: list[str], sizes: list[int], rounds: int, duration: float, model_dir: Path | None = None) -> dict:
     from cluster.seed import default_model_dir
 
@@ -203,8 +216,12 @@ def report(points: list[Point], cores: int) -> dict:
         for p in points
         if not p.idle
     ]
+    from datetime import UTC, datetime
+
     return {
         "cores": cores,
+        "cpu": cpu_name(),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "points": [
             asdict(p) | {"layout": p.layout, "best": round(p.best, 1), "spread": round(p.spread, 3)} for p in points
         ],

@@ -14,6 +14,10 @@ def test_the_best_layout_is_the_ceiling_and_a_spread_or_a_busy_machine_is_flagge
     assert result["best"]["torch"]["16"] == {"texts_per_s": 230.0, "layout": "2 proc x 1 thr"}
     assert result["best"]["onnx"]["16"] == {"texts_per_s": 404.0, "layout": "1 proc x 2 thr"}
     assert result["ceiling"] == {"16": 404.0}
+    # What the bench checks before it uses a stored ceiling:
+    assert result["cores"] == 2
+    assert result["cpu"]
+    assert result["when"]
     assert len(result["flags"]) == 2
     assert "spread 22%" in result["flags"][0]
     assert "not idle" in result["flags"][1]
