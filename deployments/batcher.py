@@ -7,9 +7,10 @@ does not do:
   routes) or `background` (a job chunk). A batch is drawn from the interactive lane whenever anything
   waits there, and from the background lane only when nothing does, so a large job soaks up idle
   capacity without queueing ahead of people. A background batch is also held to
-  `background_max_texts`, so an interactive request that arrives while one runs waits for a short
-  pass, not a long one. Jobs are not starved by a steady trickle of people: a batch is taken
-  whenever the replica is free, and the moment the interactive lane is empty is enough.
+  pass, not a long one. With `background_share` above 0, that share of the batches taken while
+  both lanes wait goes to the background lane, so a load of people that never lets the interactive
+  lane empty cannot starve a job; at 0 (the default) people always go first, and jobs get the
+  moments the interactive lane is empty.
 - **Token bounds.** Besides `max_texts`, a batch holds at most `max_tokens` tokens (the real counts
   from the model's tokenizer), so a few long texts make a small batch, not one that takes seconds.
   An entry larger than a bound still runs, alone.
@@ -67,22 +68,39 @@ class PriorityBatcher(Generic[R]):
         max_texts: int = 64,
         max_tokens: int = 2048,
         background_max_texts: int = 16,
+        background_share: float = 0.0,
         wait_s: float = 0.0,
         on_batch: Callable[[BatchFormed], None] | None = None,
     ) -> None:
         self._run = run
         self._on_batch = on_batch
         self.configure(
-            max_texts=max_texts, max_tokens=max_tokens, background_max_texts=background_max_texts, wait_s=wait_s
+            max_texts=max_texts,
+            max_tokens=max_tokens,
+            background_max_texts=background_max_texts,
+            background_share=background_share,
+            wait_s=wait_s,
         )
+        self._credit = 0.0  # the background lane's share earned while both lanes waited (at most one batch)
         self._queues: dict[Lane, deque[_Entry]] = {lane: deque() for lane in LANES}
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
-    def configure(self, *, max_texts: int, max_tokens: int, background_max_texts: int, wait_s: float) -> None:
+    def configure(
+        self,
+        *,
+        max_texts: int,
+        max_tokens: int,
+        background_max_texts: int,
+        wait_s: float,
+        background_share: float = 0.0,
+    ) -> None:
         """New bounds, applied from the next batch on."""
         if min(max_texts, max_tokens, background_max_texts) < 1 or wait_s < 0:
             raise ValueError("batch bounds are at least 1, and the wait is not negative")
+        if not 0 <= background_share <= 1:
+            raise ValueError("background_share is a share: between 0 and 1")
+        self.background_share = background_share
         self.max_texts = max_texts
         self.max_tokens = max_tokens
         self.background_max_texts = background_max_texts
@@ -127,16 +145,27 @@ class PriorityBatcher(Generic[R]):
             await self._run_batch(batch)
 
     def _take(self) -> list[_Entry]:
-        """The next batch: the first lane with a live entry, its entries in order while they fit."""
-        for lane in LANES:
-            queue = self._queues[lane]
-            while queue and queue[0].future.done():
-                queue.popleft()
-            if queue:
-                break
-        else:
+        """The next batch: interactive entries first (background ones when its share is due and both wait),
+        its lane's entries in order while they fit."""
+        waiting = [lane for lane in LANES if self._live(lane)]
+        if not waiting:
             return []
-        return self._fill([queue.popleft()])
+        lane = waiting[0]
+        if len(waiting) == 2:
+            # Earned per contested batch and capped at one batch, so time with the share at 0 (or with one
+            # lane empty) builds no debt that would later hand the jobs a run of batches.
+            self._credit = min(1.0, self._credit + self.background_share)
+            if self._credit >= 1.0:
+                lane = "background"
+                self._credit -= 1.0
+        return self._fill([self._queues[lane].popleft()])
+
+    def _live(self, lane: Lane) -> bool:
+        """Whether a caller still waits in this lane (entries whose callers left are dropped)."""
+        queue = self._queues[lane]
+        while queue and queue[0].future.done():
+            queue.popleft()
+        return bool(queue)
 
     async def _run_batch(self, batch: list[_Entry]) -> None:
         if self.wait_s > 0:  # an idle wait for more to queue (measured slower here; kept for other machines)

@@ -49,6 +49,13 @@ class ModelConfig(BaseModel):
         description="Texts per batch of job chunks, which run only while no interactive request waits: an "
         "interactive request that comes meanwhile waits for a short pass.",
     )
+    background_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="The share of batches that go to job chunks while both lanes wait: 0 puts people first "
+        "always; 0.5 alternates.",
+    )
     interactive_first: bool = Field(
         True,
         description="Job chunks (the background lane) run only while no interactive request waits; false: one "
@@ -148,6 +155,7 @@ class EmbeddingModel:
             max_texts=config.max_batch_texts,
             max_tokens=config.max_batch_tokens,
             background_max_texts=config.background_batch_texts,
+            background_share=config.background_share,
             wait_s=config.batch_wait_timeout_s,
         )
         self.config = config

@@ -56,6 +56,12 @@ CEILING_FILE = REPO_ROOT / "loadtests" / "results" / "ceiling.json"  # what `mak
 CEILING_MAX_AGE_S = 7 * 86400
 ONDEMAND_MODEL = "bench-ondemand"  # the default model's weights under a name the Serve config does not pin
 RERANK_MODEL = "bench-reranker"
+# The model's lanes: off (one queue), on (people always first), on with half the contested batches for jobs.
+PRIORITY_VARIANTS = {
+    "fifo": {"interactive_first": False, "background_share": 0.0},
+    "lanes": {"interactive_first": True, "background_share": 0.0},
+    "share-0.5": {"interactive_first": True, "background_share": 0.5},
+}
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -226,6 +232,7 @@ class Bench:
                 [
                     *(sys.executable, "-m", "loadtests.ceiling", "--json", str(path), "--sizes", sizes),
                     *("--rounds", rounds, "--duration", duration),
+                    *(("--per-core-only",) if self.quick else ()),  # a smoke run of the plumbing, not a ceiling
                 ],
                 check=True,
                 cwd=REPO_ROOT,
@@ -367,17 +374,20 @@ class Bench:
         )
 
     def priority(self, job_items: int = 3000, clients: int = 8, size: int = 16) -> None:
-        """Synchronous requests next to one large job, with the model's lanes on (job chunks run only while no
-        request waits) and off (one queue, first come first served), A B A B. Each variant measures the sync
+        """Synchronous requests next to one large job, with the model's lanes off (one queue, first come first
+        served), on (job chunks run only while no request waits) and on with half the batches for jobs while
+        both wait (PRIORITY_VARIANTS), A B C A B C. Each variant measures the sync
         load alone, the job alone, then both at once: sync p95 during the job against alone, and the job's
         rate (its progress over the same window) during the sync load against alone."""
         from cluster.models import set_user_config
 
         url = f"{self.settings.public_url}/v1/embeddings"
+        if not self.results["ceiling"]:  # to check sync + job against (a run with --setups priority alone)
+            self.results["ceiling"] = stored_ceiling()[0] or {}
         try:
             for number in (1, 2):
-                for label, first in (("fifo", False), ("lanes", True)):
-                    set_user_config(self.settings, MODEL, interactive_first=first)
+                for label, changes in PRIORITY_VARIANTS.items():
+                    set_user_config(self.settings, MODEL, **changes)
                     self.warm_replicas()
                     alone = self.loadgen(url, clients, size, "fresh")
                     solo_rate = self.job_rate(job_items)
@@ -394,16 +404,21 @@ class Bench:
                         "sync_errors": alone["errors"] + during["errors"],
                     }
                     row["p95_during/alone"] = round(during["p95_ms"] / alone["p95_ms"], 3)
+                    both = during["items_per_s"] + shared_rate
+                    ceiling = best_of(self.results["ceiling"], self.results.get("served_backend", "torch"))
+                    if ceiling and both > ceiling:  # the two together cannot beat the bare model
+                        row["error"] = f"sync + job = {both:.1f} texts/s, above the ceiling {ceiling}"
+                        print(f"  MEASUREMENT ERROR: {row['error']}", flush=True)
                     row["job_shared/solo"] = round(shared_rate / solo_rate, 3) if solo_rate else None
                     self.results.setdefault("priority", []).append(row)
                     print(
-                        f"  round {number} {label:<5} sync p95 {alone['p95_ms']:>7.1f} ms alone, "
+                        f"  round {number} {label:<9} sync p95 {alone['p95_ms']:>7.1f} ms alone, "
                         f"{during['p95_ms']:>7.1f} ms during the job ({row['p95_during/alone']}x); job "
                         f"{solo_rate:>6.1f} texts/s alone, {shared_rate:>6.1f} during sync ({row['job_shared/solo']})",
                         flush=True,
                     )
         finally:
-            set_user_config(self.settings, MODEL, interactive_first=True)
+            set_user_config(self.settings, MODEL, interactive_first=True, background_share=0.0)
 
     def cold(self, idle_s: float = 60.0, window_s: float = 20.0, clients: int = 32, size: int = 16) -> None:
         """A 32-client burst after the cluster sat idle (no requests for idle_s), its first window_s against the
@@ -461,11 +476,17 @@ class Bench:
         while (sample := progress())[2] == "queued" or sample[1] == 0:
             time.sleep(0.05)
         process = beside() if beside else None
+        if process is not None:  # the job's window is the load's measured one, not its start-up
+            assert process.stdout is not None
+            while (line := process.stdout.readline()) and line.strip() != "measuring":
+                pass
         began = progress()
         end = began[0] + self.duration_s
         last = began
-        while last[0] < end and last[2] == "running":
+        while last[2] == "running" and (last[0] < end if process is None else process.poll() is None):
             time.sleep(0.25)
+            if process is not None and process.poll() is not None:
+                break  # the load ended: the job's last sample is the one before
             last = progress()
         rate = (last[1] - began[1]) / (last[0] - began[0])
         result = None
@@ -594,8 +615,8 @@ class Bench:
             ratios["first 20 s from idle/steady (32 clients, 16 texts, worse round)"] = min(
                 r["first/steady"] for r in rows
             )
-        for variant in ("fifo", "lanes"):
-            rows = [r for r in self.results.get("priority", []) if r["variant"] == variant]
+        for variant in PRIORITY_VARIANTS:
+            rows = [r for r in self.results.get("priority", []) if r["variant"] == variant and "error" not in r]
             if rows:
                 worst_p95 = max(r["p95_during/alone"] for r in rows)
                 ratios[f"sync p95 during a job/alone ({variant}, worse round)"] = worst_p95
@@ -668,7 +689,8 @@ class Bench:
         m = self.results["machine"]
         lines = [
             f"Measured {m['when']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, "
-            f"Ray {m['ray']}, torch {m['torch']}; {self.duration_s:g} s per point; command: `make bench`.",
+            f"Ray {m['ray']}, torch {m['torch']}; {self.duration_s:g} s per point; command: "
+            f"`{' '.join(['python -m loadtests.bench', *sys.argv[1:]])}`.",
             "",
             "| ratio | measured |",
             "| --- | --- |",
@@ -755,7 +777,10 @@ class Bench:
             print("cold: 32 clients x 16 texts after a minute idle, the first 20 s against the next 20 s", flush=True)
             self.cold()
         if "priority" in setups:
-            print("priority: 8 clients x 16 texts next to a 3,000-text job, lanes off and on, interleaved", flush=True)
+            print(
+                "priority: 8 clients x 16 texts next to a 3,000-text job; lanes off, on, on with a job share",
+                flush=True,
+            )
             self.priority()
         if "jobs" in setups:
             print("jobs: the same kind of items as one asynchronous job", flush=True)
@@ -777,8 +802,11 @@ class Bench:
         for flag in self.results["flags"]:
             print(f"  FLAG: {flag}")
         (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
-        self.chart(self.out / "chart.png")
-        print(f"\nwrote {self.out / 'results.json'} and {self.out / 'chart.png'}")
+        if self.results["runs"]:  # an experiment alone (priority, cold) has no throughput points to chart
+            self.chart(self.out / "chart.png")
+            print(f"\nwrote {self.out / 'results.json'} and {self.out / 'chart.png'}")
+        else:
+            print(f"\nwrote {self.out / 'results.json'}")
         return self.results
 
     def publish(self) -> None:

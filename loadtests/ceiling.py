@@ -172,13 +172,20 @@ def cpu_name() -> str:
     )
 
 
-def run(backends: list[str], sizes: list[int], rounds: int, duration: float, model_dir: Path | None = None) -> dict:
+def run(
+    backends: list[str],
+    sizes: list[int],
+    rounds: int,
+    duration: float,
+    model_dir: Path | None = None,
+    per_core_only: bool = False,
+) -> dict:
     from cluster.seed import default_model_dir
 
     model_dir = model_dir or default_model_dir()
     cores = os.cpu_count() or 1
     onnx_path, staging = onnx_export(model_dir) if "onnx" in backends else (None, None)
-    layouts = [(1, cores)] + ([(cores, 1)] if cores > 1 else [])
+    layouts = ([] if per_core_only and cores > 1 else [(1, cores)]) + ([(cores, 1)] if cores > 1 else [])
     points = [Point(b, p, t, s) for b in backends for s in sizes for p, t in layouts]
     try:
         for number in range(1, rounds + 1):
@@ -263,8 +270,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per point and round")
     parser.add_argument("--json", type=Path, help="write the result here too")
+    parser.add_argument(
+        "--per-core-only", action="store_true", help="only N processes x 1 thread (a smoke run: not a ceiling)"
+    )
     args = parser.parse_args()
-    result = run(args.backends.split(","), [int(s) for s in args.sizes.split(",")], args.rounds, args.duration)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    result = run(args.backends.split(","), sizes, args.rounds, args.duration, per_core_only=args.per_core_only)
     print()
     print(table(result))
     if args.json:

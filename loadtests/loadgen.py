@@ -2,7 +2,8 @@
 
     python -m loadtests.loadgen URL --concurrency 32 --size 16 --duration 8 --mode fresh [--model M]
     python -m loadtests.loadgen .../v1/rerank --mode rerank --model my-reranker --size 16   # a query, 16 documents
-Prints one JSON line: requests, items, errors, seconds, latency percentiles, and this process's CPU.
+Prints `measuring` when its measured window starts, then one JSON line: requests, items, errors,
+seconds, latency percentiles, and this process's CPU.
 The API key, if any, comes from $LOADGEN_API_KEY.
 """
 
@@ -57,6 +58,7 @@ async def run(
 
         await asyncio.gather(*(worker(time.perf_counter() + 0.5) for _ in range(min(concurrency, 4))))  # warm
         latencies.clear()
+        print("measuring", flush=True)  # the measured window starts now (the bench lines other work up with it)
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         began = time.perf_counter()
         await asyncio.gather(*(worker(began + duration_s) for _ in range(concurrency)))

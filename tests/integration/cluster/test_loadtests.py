@@ -18,7 +18,7 @@ def test_benchmark_quick_run_measures_every_setup(tmp_path):
         timeout=600,
     )
     results = json.loads((tmp_path / "results.json").read_text())
-    # A quick run takes its own ceiling (both backends, both layouts, batch 16, one round), with the cluster up.
+    # A quick run takes its own ceiling (both backends, one process per core, batch 16, one round).
     assert set(results["ceiling"]["best"]) == {"torch", "onnx"}
     assert set(results["ceiling"]["best"]["torch"]) == {"16"}
     assert set(results["raw_rerank"]["by_batch_size"]) == {"1", "16"}

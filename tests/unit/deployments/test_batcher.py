@@ -196,3 +196,45 @@ async def test_an_unknown_lane_is_refused(model):
     batcher = PriorityBatcher(model.run)
     with pytest.raises(ValueError, match="lane"):
         await batcher.submit(["a"], 1, "urgent")  # type: ignore[arg-type]
+
+
+@in_a_loop
+async def test_a_background_share_gives_jobs_that_share_of_the_batches_while_both_lanes_wait(model):
+    batcher = PriorityBatcher(model.run, max_texts=1, max_tokens=10_000, background_max_texts=1)
+    batcher.configure(max_texts=1, max_tokens=10_000, background_max_texts=1, wait_s=0, background_share=0.5)
+    model.release.clear()
+    blocker = asyncio.ensure_future(batcher.submit(["x"], 1))
+    await settle()
+    jobs = [asyncio.ensure_future(batcher.submit([f"j{i}"], 1, "background")) for i in range(3)]
+    people = [asyncio.ensure_future(batcher.submit([f"p{i}"], 1)) for i in range(3)]
+    await settle()
+    model.release.set()
+    await asyncio.gather(blocker, *jobs, *people)
+    # Alternating while both wait (people first), then what is left.
+    assert [b[0][0] for b in model.batches[1:]] == ["p0", "j0", "p1", "j1", "p2", "j2"]
+    with pytest.raises(ValueError, match="share"):
+        batcher.configure(max_texts=1, max_tokens=1, background_max_texts=1, wait_s=0, background_share=1.5)
+
+
+@in_a_loop
+async def test_time_with_a_share_of_0_builds_no_debt_for_later(model):
+    batcher = PriorityBatcher(model.run, max_texts=1, max_tokens=10_000, background_max_texts=1)
+    model.release.clear()
+    blocker = asyncio.ensure_future(batcher.submit(["x"], 1))
+    await settle()
+    waiting = [asyncio.ensure_future(batcher.submit([f"j{i}"], 1, "background")) for i in range(4)]
+    waiting += [asyncio.ensure_future(batcher.submit([f"p{i}"], 1)) for i in range(4)]
+    await settle()
+    model.release.set()
+    await asyncio.gather(blocker, *waiting)  # share 0: four contested batches, all people
+    batcher.configure(max_texts=1, max_tokens=10_000, background_max_texts=1, wait_s=0, background_share=0.5)
+    model.batches.clear()
+    model.release.clear()
+    blocker = asyncio.ensure_future(batcher.submit(["x"], 1))
+    await settle()
+    waiting = [asyncio.ensure_future(batcher.submit([f"j{i}"], 1, "background")) for i in range(2)]
+    waiting += [asyncio.ensure_future(batcher.submit([f"p{i}"], 1)) for i in range(2)]
+    await settle()
+    model.release.set()
+    await asyncio.gather(blocker, *waiting)
+    assert [b[0][0] for b in model.batches[1:]] == ["p0", "j0", "p1", "j1"]  # alternating, not jobs first

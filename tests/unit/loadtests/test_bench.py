@@ -69,6 +69,8 @@ def test_an_experiments_ratio_appears_only_when_it_ran():
     bench.results["priority"] = [
         {"variant": "lanes", "p95_during/alone": 1.4, "job_shared/solo": 0.6},
         {"variant": "lanes", "p95_during/alone": 1.6, "job_shared/solo": 0.55},
+        # sync + job above the ceiling: a measurement error, left out of the ratios
+        {"variant": "lanes", "p95_during/alone": 9.0, "job_shared/solo": 0.01, "error": "above the ceiling"},
     ]
     assert bench.experiment_ratios()["sync p95 during a job/alone (lanes, worse round)"] == 1.6
     assert bench.experiment_ratios()["job rate beside sync/alone (lanes, worse round)"] == 0.55
