@@ -225,7 +225,10 @@ class EmbeddingModel:
         if not self.config.interactive_first:
             lane = "interactive"
         max_texts, max_tokens = self.batcher.limits(lane)
-        parts = split_by_tokens(items, loaded.encoder.count_tokens(items), max_tokens, max_texts)
+        count = loaded.encoder.count_tokens
+        # Tokenizing a few texts takes well under a millisecond; a long list goes off the event loop.
+        tokens = count(items) if len(items) <= 32 else await asyncio.to_thread(count, items)
+        parts = split_by_tokens(items, tokens, max_tokens, max_texts)
         answers = await asyncio.gather(*(self.batcher.submit(part, tokens, lane) for part, tokens in parts))
         if len({a.version for a in answers}) > 1:  # a version swap landed between parts: answer from one version
             return await self._answer(task, items, lane)

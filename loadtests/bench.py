@@ -473,8 +473,13 @@ class Bench:
             view = httpx.get(f"{api}/{job['id']}", headers=self.headers, timeout=30).json()
             return time.perf_counter(), view["progress"]["done"], view["status"]
 
-        while (sample := progress())[2] == "queued" or sample[1] == 0:
+        deadline = time.monotonic() + 300
+        while (sample := progress())[2] == "queued" or (sample[2] == "running" and sample[1] == 0):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"job {job['id']} did not start within 300 s")
             time.sleep(0.05)
+        if sample[2] != "running":
+            raise RuntimeError(f"job {job['id']} ended ({sample[2]}) before its rate could be measured")
         process = beside() if beside else None
         if process is not None:  # the job's window is the load's measured one, not its start-up
             assert process.stdout is not None
@@ -488,11 +493,15 @@ class Bench:
             if process is not None and process.poll() is not None:
                 break  # the load ended: the job's last sample is the one before
             last = progress()
-        rate = (last[1] - began[1]) / (last[0] - began[0])
         result = None
         if process is not None:
             out, _ = process.communicate(timeout=self.duration_s + 120)
+            if process.returncode != 0 or not out.strip():
+                raise RuntimeError(f"the load generator failed (exit {process.returncode})")
             result = json.loads(out.strip().splitlines()[-1])
+        if last is began:  # the job ended before a second sample: too small a job for this window
+            raise RuntimeError(f"job {job['id']} ended before a window could be measured; use a larger job")
+        rate = (last[1] - began[1]) / (last[0] - began[0])
         httpx.delete(f"{api}/{job['id']}", headers=self.headers, timeout=30)  # what is left of it: not needed
         while progress()[2] not in ("succeeded", "failed", "cancelled"):
             time.sleep(0.2)

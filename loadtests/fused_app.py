@@ -28,9 +28,9 @@ class _LocalMethod:
     def __init__(self, fn: Any) -> None:
         self.fn = fn
 
-    def remote(self, *args: Any) -> Any:
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
         async def call() -> Any:
-            result = self.fn(*args)
+            result = self.fn(*args, **kwargs)
             return await result if inspect.isawaitable(result) else result
 
         return call()

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     )
     model_info_refresh_s: float = 2.0
     model_timeout_s: float = 60.0
+    job_model_timeout_s: float = Field(
+        600.0,
+        description="How long a job's model call may take: its chunks wait in the background lane while people's "
+        "requests go first, so they may wait much longer than a person would.",
+    )
     model_push_max_bytes: int = Field(4 * 2**30, description="The largest model archive POSTed to /v1/admin/models.")
     model_listing_ttl_s: float = Field(
         5.0, description="How long a gateway trusts its listing of a model's versions in the repository."

@@ -258,10 +258,9 @@ class EmbeddingService:
         """The same service for the gateway and the job workers: a client per pinned model, the on-demand
         pool for every other model in the repository, the Redis cache. The job workers' calls go in the
         `background` lane (deployments/batcher.py)."""
+        timeout_s = settings.job_model_timeout_s if lane == "background" else settings.model_timeout_s
         models = {
-            name: ModelClient(
-                name, handle, refresh_s=settings.model_info_refresh_s, timeout_s=settings.model_timeout_s, lane=lane
-            )
+            name: ModelClient(name, handle, refresh_s=settings.model_info_refresh_s, timeout_s=timeout_s, lane=lane)
             for name, handle in handles.items()
         }
         catalog = ModelCatalog(
@@ -269,7 +268,7 @@ class EmbeddingService:
             pool,
             ModelRepository.from_settings(settings, timeout_s=10.0) if pool is not None else None,
             refresh_s=settings.model_info_refresh_s,
-            timeout_s=settings.model_timeout_s,
+            timeout_s=timeout_s,
             listing_ttl_s=settings.model_listing_ttl_s,
             lane=lane,
         )

@@ -89,3 +89,14 @@ def test_each_model_call_goes_in_its_clients_lane():
     run(EmbeddingService({handle.name: background}, cache).embed(handle.name, ["a", "b"]))
     run(make_service(handle, cache).embed(handle.name, ["c"]))
     assert handle.lanes == ["background", "interactive"]
+
+
+def test_the_job_workers_service_asks_for_the_background_lane_and_waits_longer():
+    from serve_app.settings import Settings
+
+    settings = Settings(model_timeout_s=60, job_model_timeout_s=600)
+    handle = FakeModelHandle()
+    jobs = EmbeddingService.from_settings(settings, {handle.name: handle}, redis=None, lane="background")
+    people = EmbeddingService.from_settings(settings, {handle.name: handle}, redis=None)
+    assert (jobs.models[handle.name].lane, jobs.models[handle.name].timeout_s) == ("background", 600)
+    assert (people.models[handle.name].lane, people.models[handle.name].timeout_s) == ("interactive", 60)

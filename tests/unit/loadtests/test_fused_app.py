@@ -9,18 +9,18 @@ class Target:
     def info(self) -> str:
         return "sync"
 
-    async def embed(self, texts: list[str]) -> list[int]:
+    async def embed(self, texts: list[str], lane: str = "interactive") -> list[int]:
         await asyncio.sleep(0)
-        return [len(t) for t in texts]
+        return [len(t) for t in texts] if lane == "interactive" else []
 
 
 def test_a_local_handle_awaits_sync_and_async_methods_alike():
     handle = LocalHandle(Target())
 
     async def calls():
-        return await handle.info.remote(), await handle.embed.remote(["ab", "c"])
+        return await handle.info.remote(), await handle.embed.remote(["ab", "c"], lane="interactive")
 
-    assert asyncio.run(calls()) == ("sync", [2, 1])
+    assert asyncio.run(calls()) == ("sync", [2, 1])  # keyword arguments too: ModelClient passes its lane
 
 
 def test_the_experiment_deploys_beside_the_main_application():
