@@ -71,6 +71,9 @@ def application_config(model: str, replicas: int = 2) -> dict:
             {
                 "name": "FusedGateway",
                 "num_replicas": replicas,
+                # Beside the main application, whose deployments hold every CPU in Ray's ledger of a 2-core
+                # node, replicas asking for CPUs never start; they share the real cores either way.
+                "ray_actor_options": {"num_cpus": 0},
                 "user_config": ModelConfig(torch_threads=1).model_dump(),
             }
         ],

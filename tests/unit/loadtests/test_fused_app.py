@@ -27,3 +27,4 @@ def test_the_experiment_deploys_beside_the_main_application():
     config = application_config("all-minilm-l6-v2")
     assert config["route_prefix"] == "/fused"
     assert config["deployments"][0]["user_config"]["torch_threads"] == 1
+    assert config["deployments"][0]["ray_actor_options"] == {"num_cpus": 0}  # placeable beside the main app
