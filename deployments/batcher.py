@@ -111,9 +111,6 @@ class PriorityBatcher(Generic[R]):
         texts = self.max_texts if lane == "interactive" else min(self.max_texts, self.background_max_texts)
         return texts, self.max_tokens
 
-    def queued(self, lane: Lane) -> int:
-        return sum(1 for entry in self._queues[lane] if not entry.future.done())
-
     async def submit(self, items: Sequence[object], tokens: int, lane: Lane = "interactive") -> R:
         """The result of `items` (one request) once a batch has run it."""
         if lane not in LANES:
