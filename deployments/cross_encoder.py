@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from deployments.encoder import forward_by_length, transformer
+from deployments.encoder import TokenCounter, forward_by_length, transformer
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class CrossEncoder:
             raise ValueError(f"{model_dir}: a reranker has one label, this model has {config.num_labels}")
         self.max_tokens = min(max_tokens, usable_positions(config, self.tokenizer))
         self.dims = 1  # one relevance score per pair, as SentenceEncoder says its vector width
+        self._count = TokenCounter(self.tokenizer, self.max_tokens, "longest_first")
 
     def score(self, pairs: list[tuple[str, str]]) -> Scored:
         """Scores in the order given."""
@@ -77,11 +78,9 @@ class CrossEncoder:
         return Scored(scores=scores, token_counts=token_counts)
 
     def count_tokens(self, pairs: list[tuple[str, str]]) -> list[int]:
-        """The tokens each pair is to the model (special tokens in, after truncation)."""
-        ids = self.tokenizer(
-            [q for q, _ in pairs], [d for _, d in pairs], truncation="longest_first", max_length=self.max_tokens
-        )["input_ids"]
-        return [len(one) for one in ids]
+        """The tokens each pair is to the model (special tokens in, after truncation). Safe from any thread,
+        beside the forward pass (TokenCounter)."""
+        return self._count(list(pairs))
 
     @torch.inference_mode()
     def _forward(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, list[int]]:

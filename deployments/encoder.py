@@ -96,6 +96,29 @@ def transformer(model_dir: Path, model_class, device, backend: str, onnx_path: P
     return forward, model.config
 
 
+class TokenCounter:
+    """Counts the tokens each input is to the model (special tokens in, after truncation), on its own copy of
+    the model's fast tokenizer, with truncation set once and no padding.
+
+    The forward pass calls the engine's tokenizer with padding, and transformers sets padding and truncation
+    on the shared Rust tokenizer at every call. A count on that same object from another thread (a long
+    request is counted off the event loop) could read padded lengths, or leave the forward pass an unpadded
+    batch that fails ("Unable to create tensor"): measured, dozens of failed passes in 10 s. Encoding here
+    changes nothing on this copy, so any number of threads may count beside the forward pass.
+    """
+
+    def __init__(self, tokenizer, max_length: int, strategy: str = "longest_first") -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length, strategy=strategy)
+
+    def __call__(self, items: list) -> list[int]:
+        """Tokens per item: a text, or a (query, document) pair."""
+        return [len(encoding.ids) for encoding in self._tokenizer.encode_batch(items, add_special_tokens=True)]
+
+
 @dataclass(frozen=True)
 class Encoded:
     vectors: np.ndarray  # float32, shape (n, dims)
@@ -123,6 +146,7 @@ class SentenceEncoder:
         self.transformer, config = transformer(model_dir, AutoModel, self.device, backend, onnx_path, threads)
         self.dims = int(config.hidden_size)
         self.max_tokens = self.spec.max_seq_length  # the longest input it reads, as CrossEncoder says it
+        self._count = TokenCounter(self.tokenizer, self.max_tokens)
 
     def encode(self, texts: list[str]) -> Encoded:
         """Embed texts, in the order given."""
@@ -132,9 +156,9 @@ class SentenceEncoder:
         return Encoded(vectors=vectors, token_counts=token_counts)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        """The tokens each text is to the model (special tokens in, after truncation): what batches are bounded by."""
-        ids = self.tokenizer(texts, truncation=True, max_length=self.spec.max_seq_length)["input_ids"]
-        return [len(one) for one in ids]
+        """The tokens each text is to the model (special tokens in, after truncation): what batches are bounded by.
+        Safe from any thread, beside the forward pass (TokenCounter)."""
+        return self._count(texts)
 
     @torch.inference_mode()
     def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:

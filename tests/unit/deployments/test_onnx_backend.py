@@ -129,3 +129,36 @@ def test_auto_takes_onnx_on_cpu_only_for_a_checked_export_and_torch_on_cuda():
         choose_backend("onnx", "cpu", manifest(onnx=False, checked=False))
     with pytest.raises(ValueError, match="runs on CPU"):
         choose_backend("onnx", "cuda", manifest(onnx=True, checked=True))
+
+
+def test_counting_tokens_in_another_thread_never_disturbs_the_forward_pass(embedder):
+    """A long request is counted off the event loop while a batch runs: neither may see the other's settings."""
+    import threading
+    import time
+
+    encoder = SentenceEncoder(embedder)
+    texts = [f"text {i} " + "word " * (i * 7 % 300) for i in range(64)]
+    expected_counts = encoder.count_tokens(texts)
+    expected = encoder.encode(texts[:16])
+    failures: list[str] = []
+    stop = time.monotonic() + 3
+
+    def count() -> None:
+        while time.monotonic() < stop:
+            if (counts := encoder.count_tokens(texts)) != expected_counts:
+                failures.append(f"counts changed: {counts[:4]}")
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        while time.monotonic() < stop:
+            try:
+                again = encoder.encode(texts[:16])
+            except Exception as exc:  # the shared tokenizer left unpadded: "Unable to create tensor"
+                failures.append(repr(exc))
+                continue
+            if again.token_counts != expected.token_counts:
+                failures.append(f"forward counts changed: {again.token_counts[:4]}")
+    finally:
+        counter.join()
+    assert not failures, f"{len(failures)} disturbed: {failures[:3]}"
