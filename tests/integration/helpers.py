@@ -29,6 +29,58 @@ def wait_for(api, job_id: str, done=lambda job: job["status"] in TERMINAL, timeo
         time.sleep(0.2)
 
 
+def job_diagnosis(settings, job_id: str) -> str:
+    """What a stuck job's state looks like from every side, for a failure message: its document, the
+    queues, the JobWorker and EmbeddingModel replicas, and the replica log lines that name it."""
+    import json
+    from pathlib import Path
+
+    import httpx
+    import pika
+    from pymongo import MongoClient
+
+    from cluster.secrets import ray_auth_headers
+    from cluster.services import Ray
+    from serve_app.infra.rabbitmq import connection_parameters
+
+    parts = []
+    try:
+        with MongoClient(settings.mongo_url, **settings.mongo_options()) as client:
+            doc = client[settings.mongo_db]["jobs"].find_one(
+                {"_id": job_id}, {"status": 1, "attempts": 1, "lease": 1, "worker": 1, "last_error": 1, "progress": 1}
+            )
+        parts.append(f"job: {doc}")
+    except Exception as exc:  # a diagnosis never hides the failure it explains
+        parts.append(f"job: unread ({exc!r})")
+    try:
+        connection = pika.BlockingConnection(connection_parameters(settings))
+        channel = connection.channel()
+        for queue in (settings.job_queue, settings.job_retry_queue, settings.job_dead_letter_queue):
+            declared = channel.queue_declare(queue, passive=True).method
+            parts.append(f"queue {queue}: {declared.message_count} ready, {declared.consumer_count} consumers")
+        connection.close()
+    except Exception as exc:
+        parts.append(f"queues: unread ({exc!r})")
+    try:
+        applications = httpx.get(
+            f"{settings.dashboard_url}/api/serve/applications/", headers=ray_auth_headers(settings), timeout=10
+        ).json()
+        deployments = applications["applications"][settings.serve_app_name]["deployments"]
+        for name in ("JobWorker", "EmbeddingModel"):
+            replicas = [(r.get("state"), r.get("pid"), r.get("node_ip")) for r in deployments[name]["replicas"]]
+            parts.append(f"{name} replicas: {replicas}")
+    except Exception as exc:
+        parts.append(f"replicas: unread ({exc!r})")
+    logs = Path(Ray("ray", settings).temp_dir) / "session_latest" / "logs" / "serve"
+    for log in sorted(logs.glob("replica_*JobWorker*.log")) + sorted(logs.glob("replica_*EmbeddingModel*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        named = [line for line in lines if job_id in line][-5:]
+        errors = [line for line in lines if line.startswith(("ERROR", "WARNING"))][-5:]
+        if named or errors:
+            parts.append(f"{log.name}:\n  " + "\n  ".join(json.dumps(line)[1:-1] for line in named + errors))
+    return "\n".join(parts)
+
+
 def listener_pid(port: int, *, namespace: str | None = None, host: str | None = None) -> int | None:
     """The process listening on a TCP port of this machine (a Serve proxy, say), if any; in a network
     namespace (a worker node's, in the netns layout) and on one address (`host`) when given."""

@@ -15,7 +15,7 @@ from pymongo import MongoClient
 from cluster.services import RabbitMQ, load_serve_config
 from serve_app.infra.rabbitmq import connection_parameters
 from serve_app.jobs.queue import job_message, message_properties
-from tests.integration.helpers import MODEL, submit, texts, wait_for
+from tests.integration.helpers import MODEL, job_diagnosis, submit, texts, wait_for
 
 
 def upload(api, lines: list[str]) -> dict:
@@ -138,7 +138,10 @@ def test_a_worker_killed_mid_job_has_its_job_redelivered_and_finished_once(api, 
     wait_for(api, job_id, done=lambda j: j["status"] == "running" and j["progress"]["done"] > 0)
     worker_pid = mongo["jobs"].find_one({"_id": job_id})["worker"]["pid"]
     os.kill(worker_pid, signal.SIGKILL)
-    finished = wait_for(api, job_id, timeout_s=300)
+    try:
+        finished = wait_for(api, job_id, timeout_s=300)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{job_diagnosis(settings, job_id)}") from None
     assert finished["status"] == "succeeded", finished["error"]
     assert finished["attempts"] == 2
     assert mongo["jobs"].find_one({"_id": job_id})["worker"]["pid"] != worker_pid
