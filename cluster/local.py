@@ -27,7 +27,15 @@ import yaml
 
 from cluster import netns
 from cluster.dev_key import ensure_dev_key
-from cluster.nodes import NginxSync, layout, node_ids, recorded_workers, sync_nginx_forever, workers
+from cluster.nodes import (
+    NginxSync,
+    layout,
+    node_ids,
+    recorded_workers,
+    serve_details,
+    sync_nginx_forever,
+    workers,
+)
 from cluster.processes import wait_until
 from cluster.secrets import prepared_settings, ray_token_file
 from cluster.seed import seed_default_model
@@ -102,18 +110,40 @@ def readiness(settings: ClusterSettings, base_url: str | None = None) -> dict | 
         return None
 
 
+def serve_settled(settings: ClusterSettings) -> tuple[bool, str]:
+    """Whether Serve runs the application with every deployment HEALTHY (all its replicas started), and what
+    it says. /readyz answers once one replica of each model does; the others may still be loading."""
+    try:
+        application = serve_details(settings)["applications"][settings.serve_app_name]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return False, f"Serve's state unread ({exc!r})"
+    waiting = {
+        name: deployment.get("status")
+        for name, deployment in (application.get("deployments") or {}).items()
+        if deployment.get("status") != "HEALTHY"
+    }
+    return application.get("status") == "RUNNING" and not waiting, f"{application.get('status')}, waiting: {waiting}"
+
+
 def wait_ready(settings: ClusterSettings) -> dict:
+    """The API answers ready, and every replica of every deployment has started (so the first minutes after
+    `make up` are not spent loading models beside the first requests)."""
     report: dict | None = None
+    serve = ""
 
     def ready() -> bool:
-        nonlocal report
+        nonlocal report, serve
         report = readiness(settings)
-        return report is not None and report.get("status") == "ready"
+        if report is None or report.get("status") != "ready":
+            return False
+        settled, serve = serve_settled(settings)
+        return settled
 
     if not wait_until(ready, settings.ready_timeout_s, interval_s=1.0):
         raise ServiceError(
             f"the API at {settings.public_url}/readyz was not ready within {settings.ready_timeout_s:g}s; "
-            f"last report: {json.dumps(report)}; see `make status` and {settings.state_dir}/logs"
+            f"last report: {json.dumps(report)}; Serve: {serve or 'not asked'}; "
+            f"see `make status` and {settings.state_dir}/logs"
         )
     return report or {}
 

@@ -2,8 +2,9 @@
 
 The acceptance test: key A sends maximum requests (256 texts x 8,192 characters, never cached)
 from two loops at once while key B sends single texts one after another; B's p99 latency stays
-within 3x its p99 alone. It needs both EmbeddingModel replicas running (the router sends B's text
-to the replica A is not using); the replica count is printed and named in a failure.
+within 3x its p99 alone (each measured twice, interleaved: alone, loaded, alone, loaded). It needs
+both EmbeddingModel replicas running (the router sends B's text to the replica A is not using); the
+replica count is printed and named in a failure.
 """
 
 import secrets
@@ -59,39 +60,45 @@ def single_text_latencies(client: httpx.Client, count: int = 0, until: float | N
     return latencies
 
 
+def under_heavy_load(settings, heavy: dict, statuses: Counter, measure) -> list[float]:
+    """`measure()` while key A sends maximum requests from two loops; returns once A's requests have ended."""
+    stop = threading.Event()
+
+    def heavy_loop() -> None:
+        with httpx.Client(base_url=settings.public_url, timeout=180, headers=heavy) as a:
+            while not stop.is_set():
+                body = {"model": MODEL, "input": [fresh_long_text() for _ in range(MAX_TEXTS)]}
+                response = a.post("/v1/embeddings", json=body)
+                statuses[response.status_code] += 1
+                if response.status_code == 429:  # expected: a polite client waits (at most 2 s here)
+                    stop.wait(min(2.0, float(response.headers.get("Retry-After", "1"))))
+
+    loops = [threading.Thread(target=heavy_loop, daemon=True) for _ in range(2)]
+    for loop in loops:
+        loop.start()
+    try:
+        time.sleep(3)  # A's first maximum request is uploaded, admitted and at the model
+        return measure()
+    finally:
+        stop.set()
+        for loop in loops:
+            loop.join(200)
+
+
 def test_a_heavy_key_does_not_stall_another_keys_single_texts(make_key, settings, tenant):
     heavy = {"Authorization": f"Bearer {make_key(tenant, name='fair share: heavy')}"}
     light = {"Authorization": f"Bearer {make_key(tenant, name='fair share: light')}"}
+    statuses: Counter[int] = Counter()
+    alone: list[float] = []
+    loaded: list[float] = []
     with httpx.Client(base_url=settings.public_url, timeout=120, headers=light) as b:
         single_text_latencies(b, 20)  # warm: connections, the model's info
-        alone = single_text_latencies(b, 100)
-
-        stop = threading.Event()
-        statuses: Counter[int] = Counter()
-        first_success = threading.Event()
-
-        def heavy_loop() -> None:
-            with httpx.Client(base_url=settings.public_url, timeout=180, headers=heavy) as a:
-                while not stop.is_set():
-                    body = {"model": MODEL, "input": [fresh_long_text() for _ in range(MAX_TEXTS)]}
-                    response = a.post("/v1/embeddings", json=body)
-                    statuses[response.status_code] += 1
-                    if response.status_code == 200:
-                        first_success.set()
-                    elif response.status_code == 429:  # expected: a polite client waits (at most 2 s here)
-                        stop.wait(min(2.0, float(response.headers.get("Retry-After", "1"))))
-
-        loops = [threading.Thread(target=heavy_loop, daemon=True) for _ in range(2)]
-        for loop in loops:
-            loop.start()
-        try:
-            time.sleep(3)  # A's first maximum request is uploaded, admitted and at the model
-            loaded = single_text_latencies(b, 100, until=time.monotonic() + 30)
-            assert first_success.wait(180), f"key A never got a 200: {dict(statuses)}"
-        finally:
-            stop.set()
-            for loop in loops:
-                loop.join(200)
+        # Alone and loaded twice, interleaved (A B A B), so the machine's drift falls on both sides.
+        for _ in range(2):
+            alone += single_text_latencies(b, 60)
+            loaded += under_heavy_load(
+                settings, heavy, statuses, lambda: single_text_latencies(b, until=time.monotonic() + 15)
+            )
 
     replicas = model_replicas(settings)
     alone_p99, loaded_p99 = p99(alone), p99(loaded)
@@ -102,7 +109,7 @@ def test_a_heavy_key_does_not_stall_another_keys_single_texts(make_key, settings
         f"\nA's answers: {dict(statuses)}; EmbeddingModel replicas running: {replicas}"
     )
     assert set(statuses) <= {200, 429}, statuses
-    assert statuses[200] >= 1
+    assert statuses[200] >= 1, f"key A never got a 200: {dict(statuses)}"
     assert loaded_p99 <= 3 * alone_p99, (
         f"B's p99 {loaded_p99 * 1000:.1f}ms > 3 x {alone_p99 * 1000:.1f}ms with {replicas} model replica(s) running"
     )

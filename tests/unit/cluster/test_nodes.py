@@ -128,3 +128,27 @@ def test_a_deploy_carries_the_code_digest_so_changed_code_is_rolled_out(tmp_path
     assert stamped["applications"][0]["runtime_env"]["env_vars"]["INFER_CODE_DIGEST"] == "abc"  # the build
     for deployment in stamped["applications"][0]["deployments"]:
         assert deployment["ray_actor_options"]["runtime_env"]["env_vars"]["INFER_CODE_DIGEST"] == "abc"
+
+
+def test_the_cluster_is_settled_only_when_every_deployment_is_healthy(monkeypatch):
+    from cluster import local
+
+    settings = ClusterSettings()
+    state = {"status": "RUNNING", "deployments": {"Gateway": {"status": "HEALTHY"}, "JobWorker": {"status": "HEALTHY"}}}
+    monkeypatch.setattr(local, "serve_details", lambda _: {"applications": {settings.serve_app_name: state}})
+    assert local.serve_settled(settings)[0]
+    state["deployments"]["JobWorker"]["status"] = "UPDATING"  # a replica still loading, /readyz already 200
+    settled, said = local.serve_settled(settings)
+    assert not settled
+    assert "JobWorker" in said
+    state["deployments"]["JobWorker"]["status"] = "HEALTHY"
+    state["status"] = "DEPLOYING"
+    assert not local.serve_settled(settings)[0]
+
+    def unreadable(_):
+        raise OSError("dashboard down")
+
+    monkeypatch.setattr(local, "serve_details", unreadable)
+    settled, said = local.serve_settled(settings)
+    assert not settled
+    assert "unread" in said
