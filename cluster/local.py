@@ -28,6 +28,7 @@ import yaml
 from cluster import netns
 from cluster.dev_key import ensure_dev_key
 from cluster.nodes import (
+    WORKER_PREFIX,
     NginxSync,
     layout,
     node_ids,
@@ -157,8 +158,13 @@ def up(settings: ClusterSettings | None = None) -> list[str]:
         netns.guard_ports(settings.unguarded_ray_ports())
         network = f"{netns.BRIDGE} {settings.bridge_address}/{settings.node_subnet.prefixlen}"
         _say(f"  {'node network':<13} {'ready':<9} {network}")
+    order = _in_order(settings)
+    if settings.serve_direct_ingress and any(service.name.startswith(WORKER_PREFIX) for service in order):
+        # Ray then runs no proxy on worker nodes, and a gateway replica there binds Serve's host (loopback)
+        # in its node's namespace, where NGINX cannot reach it.
+        raise ServiceError("INFER_SERVE_DIRECT_INGRESS runs on one node here; start it with WORKERS=0")
     started = []
-    for service in _in_order(settings):
+    for service in order:
         began = time.monotonic()
         outcome = service.ensure()
         if outcome == "started":

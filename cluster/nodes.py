@@ -75,9 +75,34 @@ def serve_details(settings: ClusterSettings) -> dict:
     return dashboard_get(settings, "/api/serve/applications/")
 
 
+def ingress_upstreams(settings: ClusterSettings, details: dict) -> list[str] | None:
+    """With direct ingress (INFER_SERVE_DIRECT_INGRESS): host:port of every running gateway replica's own HTTP
+    server, from Serve's target groups; None while none runs (Serve then names the head's proxy instead)."""
+    upstreams = []
+    for group in details.get("target_groups") or []:
+        if group.get("app_name") != settings.serve_app_name or group.get("protocol") != "HTTP":
+            continue
+        for target in group.get("targets") or []:
+            if not str(target.get("name", "")).startswith("SERVE_REPLICA::"):
+                continue
+            ip = target["ip"]
+            local = ip == settings.ray_node_ip or ipaddress.ip_address(ip).is_loopback
+            # A replica binds Serve's http host: this machine's nodes are reached there.
+            upstreams.append(f"{settings.serve_host if local else ip}:{target['port']}")
+    return sorted(upstreams) or None
+
+
 def live_upstreams(settings: ClusterSettings, alive: list[dict] | None = None) -> list[str] | None:
     """host:port of every healthy Serve proxy, from Serve's state; None when it cannot be read.
+    With direct ingress, every gateway replica's own port instead, while any runs.
     `alive`: Ray's alive nodes when the caller has just read them."""
+    if settings.serve_direct_ingress:
+        try:
+            found = ingress_upstreams(settings, serve_details(settings))
+        except (OSError, ValueError):
+            return None
+        if found:
+            return found
     try:
         proxies = serve_details(settings).get("proxies") or {}
         nodes = {n["node_id"]: n for n in (alive_nodes(settings) if alive is None else alive)}

@@ -57,6 +57,8 @@ def ray_env(settings: ClusterSettings) -> dict[str, str]:
     # Callbacks go to public addresses only; the integration tests' receiver lives at this one
     # address, in a network namespace of its own (tests/integration/jobs/test_callbacks.py).
     env.setdefault("INFER_CALLBACK_ALLOW_NETWORKS", '["198.18.0.2/32"]')
+    if settings.serve_direct_ingress:
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     env["INFER_STATE_DIR"] = str(settings.state_dir)
     return env
 

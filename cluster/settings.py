@@ -37,6 +37,11 @@ class ClusterSettings(Settings):
     serve_host: str = "127.0.0.1"
     serve_port: int = 8000
     serve_app_name: str = "inference"
+    serve_direct_ingress: bool = Field(
+        False,
+        description="Experiment (docs/benchmarks.md): Ray Serve's direct ingress, each gateway replica on an HTTP "
+        "port of its own (30000+), as well as the proxy on the head node.",
+    )
     ready_timeout_s: float = 300.0
 
     # Ray.

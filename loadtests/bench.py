@@ -14,8 +14,10 @@ cross-encoder in-process, all cores). plain, serve, full and cached run in two r
 (A B C D A B C D); the report gives both and flags a spread over 15%. A ratio against the ceiling of
 the backend served above 1.0 fails the run as a measurement error. Experiments not in the default
 run: backends, batchwait, priority (sync requests next to a 3,000-text job, lanes off and on), cold
-(a burst after a minute idle), and fused (loadtests/fused_app.py, the gateway and the model in one
-deployment, reached like serve); name them with `--setups`. The load generator is its own process
+(a burst after a minute idle), door (NGINX in front of Serve's proxy and of the gateway replicas' own
+ports, direct ingress: a cluster started with INFER_SERVE_DIRECT_INGRESS=1) and fused
+(loadtests/fused_app.py, the gateway and the model in one deployment, reached like serve); name them
+with `--setups`. The load generator is its own process
 and reports the CPU it used. Writes results.json and chart.png to the results directory
 and, for a full run, the tables in docs/benchmarks.md.
 """
@@ -433,6 +435,40 @@ class Bench:
         finally:
             set_user_config(self.settings, MODEL, interactive_first=True, background_share=0.0)
 
+    def door(self, points: tuple[tuple[int, int], ...] = ((1, 1), (1, 32), (16, 32))) -> None:
+        """NGINX in front of Serve's proxy (its one hop through a handle to the gateway) and in front of each
+        gateway replica's own HTTP port (Ray Serve's direct ingress), switched between rounds, A B A B. Both doors
+        are open only on a cluster started with INFER_SERVE_DIRECT_INGRESS=1; NGINX is left on direct ingress,
+        what nginx-sync keeps there."""
+        from cluster.nodes import ingress_upstreams, serve_details, sync_nginx_once
+
+        direct = ingress_upstreams(self.settings, serve_details(self.settings))
+        if not direct:
+            why = "no gateway replica has a port of its own: start the cluster with INFER_SERVE_DIRECT_INGRESS=1"
+            print(f"  skipped: {why}", flush=True)
+            self.results["door"] = {"skipped": why}
+            return
+        doors = {"proxy": [f"{self.settings.serve_host}:{self.settings.serve_port}"], "direct": direct}
+        url = f"{self.settings.public_url}/v1/embeddings"
+        rows = []
+        try:
+            for number in range(1, ROUNDS + 1):
+                for name, upstreams in doors.items():
+                    sync_nginx_once(self.settings, upstreams)
+                    time.sleep(1)
+                    for size, concurrency in points:
+                        run = self.loadgen(url, concurrency, size, "fresh")
+                        rows.append({"door": name, "round": number, "size": size, "concurrency": concurrency} | run)
+                        print(
+                            f"  round {number} NGINX -> {name:<6} size {size:>2} x{concurrency:<3} "
+                            f"{run['items_per_s']:>8.1f} items/s  p50 {run['p50_ms']:>7.1f} ms  "
+                            f"p99 {run['p99_ms']:>7.1f} ms  errors {run['errors']}",
+                            flush=True,
+                        )
+        finally:
+            sync_nginx_once(self.settings, direct)
+        self.results["door"] = {"upstreams": doors, "runs": rows}
+
     def cold(self, idle_s: float = 60.0, window_s: float = 20.0, clients: int = 32, size: int = 16) -> None:
         """A 32-client burst after the cluster sat idle (no requests for idle_s), its first window_s against the
         window_s right after it (steady), twice. The pinned model's replicas are min_replicas: 2 = max_replicas
@@ -633,6 +669,23 @@ class Bench:
                 p50[setup] = min(single)
         if len(p50) == 2:
             ratios["full p50 - plain p50 (1 text, 1 client, best rounds), ms"] = round(p50["full"] - p50["plain"], 1)
+        door = self.results.get("door", {}).get("runs", [])
+
+        def door_best(name: str, size: int, concurrency: int, key: str, pick=max) -> float | None:
+            values = [r[key] for r in door if (r["door"], r["size"], r["concurrency"]) == (name, size, concurrency)]
+            return pick(values) if values else None
+
+        for size, concurrency in ((16, 32), (1, 32)):
+            direct, proxy = (door_best(d, size, concurrency, "items_per_s") for d in ("direct", "proxy"))
+            if direct and proxy:
+                ratios[f"NGINX->direct ingress/NGINX->proxy ({size} texts, {concurrency} clients)"] = round(
+                    direct / proxy, 3
+                )
+        direct, proxy = (door_best(d, 1, 1, "p50_ms", min) for d in ("direct", "proxy"))
+        if direct and proxy:
+            ratios["p50 NGINX->proxy - NGINX->direct ingress (1 text, 1 client, best rounds), ms"] = round(
+                proxy - direct, 1
+            )
         if rows := self.results.get("cold"):
             ratios["first 20 s from idle/steady (32 clients, 16 texts, worse round)"] = min(
                 r["first/steady"] for r in rows
@@ -798,6 +851,9 @@ class Bench:
         if "cold" in setups:
             print("cold: 32 clients x 16 texts after a minute idle, the first 20 s against the next 20 s", flush=True)
             self.cold()
+        if "door" in setups:
+            print("door: NGINX in front of Serve's proxy, then of the gateway replicas' own ports, A B A B", flush=True)
+            self.door()
         if "priority" in setups:
             print(
                 "priority: 8 clients x 16 texts next to a 3,000-text job; lanes off, on, on with a job share",

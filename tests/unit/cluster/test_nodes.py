@@ -152,3 +152,33 @@ def test_the_cluster_is_settled_only_when_every_deployment_is_healthy(monkeypatc
     settled, said = local.serve_settled(settings)
     assert not settled
     assert "unread" in said
+
+
+def test_direct_ingress_sends_nginx_to_each_gateway_replicas_own_port():
+    from cluster.nodes import ingress_upstreams
+    from cluster.services import ray_env
+
+    settings = ClusterSettings(serve_direct_ingress=True, ray_node_ip="10.77.0.1")
+    assert ray_env(settings)["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in ray_env(ClusterSettings())
+
+    def group(*targets, app="inference", protocol="HTTP"):
+        return {"app_name": app, "protocol": protocol, "route_prefix": "/", "targets": list(targets)}
+
+    def replica(ip, port):
+        return {"ip": ip, "port": port, "instance_id": "", "name": f"SERVE_REPLICA::inference#Gateway#{port}"}
+
+    # The shape Ray 2.60's dashboard serves at /api/serve/applications/ (target_groups).
+    details = {
+        "target_groups": [
+            group(replica("10.77.0.1", 30001), replica("10.77.0.2", 30000)),
+            group(replica("10.77.0.1", 40000), protocol="gRPC"),
+            group(replica("10.77.0.1", 30009), app="another"),
+        ]
+    }
+    # This machine's node is reached at Serve's host (the replica binds it), another node at its address.
+    assert ingress_upstreams(settings, details) == ["10.77.0.2:30000", "127.0.0.1:30001"]
+    # No replica running: Ray names the head's proxy instead, and the proxies are used.
+    proxy = {"ip": "10.77.0.1", "port": 8000, "instance_id": "", "name": "SERVE_PROXY_ACTOR-abc"}
+    assert ingress_upstreams(settings, {"target_groups": [group(proxy)]}) is None
+    assert ingress_upstreams(settings, {}) is None
