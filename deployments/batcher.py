@@ -85,6 +85,7 @@ class PriorityBatcher(Generic[R]):
         self._queues: dict[Lane, deque[_Entry]] = {lane: deque() for lane in LANES}
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._running = False  # a batch is at the model now
 
     def configure(
         self,
@@ -122,6 +123,16 @@ class PriorityBatcher(Generic[R]):
         assert self._wake is not None
         self._wake.set()
         return await entry.future  # a caller cancelled here cancels the future: its entry is skipped
+
+    def idle(self) -> bool:
+        """Nothing queued, and no batch at the model."""
+        return not self._running and not any(self._live(lane) for lane in LANES)
+
+    def close(self) -> None:
+        """Stop the worker (an idle batcher no longer needed: its model was dropped). A later submit starts one."""
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
 
     def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._worker is not None and not self._worker.done() and self._worker.get_loop() is loop:
@@ -185,6 +196,7 @@ class PriorityBatcher(Generic[R]):
                 )
             except Exception:  # metrics never fail a batch
                 logger.exception("recording a batch failed")
+        self._running = True
         try:
             results = await self._run([entry.items for entry in batch])
             if len(results) != len(batch):
@@ -198,6 +210,8 @@ class PriorityBatcher(Generic[R]):
             for entry in batch:
                 entry.future.cancel()
             raise
+        finally:
+            self._running = False
         for entry, result in zip(batch, results, strict=True):
             if not entry.future.done():
                 entry.future.set_result(result)

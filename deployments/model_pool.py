@@ -4,8 +4,10 @@ One multiplexed deployment (`@serve.multiplexed`) serves every model the Serve c
 A request carries `multiplexed_model_id="name:version"` (serve_app/embeddings/catalog.py); Serve
 routes it to a replica that already holds that model where one does, and a replica loads it
 through the same sha256-checked node cache as the pinned replicas, keeping the
-`max_models_per_replica` most recently used. Embedding and reranking requests are batched with
-`@serve.batch`, which Ray splits by model id, so one forward pass never mixes models.
+`max_models_per_replica` most recently used. Each model id has a batcher of its own
+(deployments/batcher.py, as the pinned replicas have), so one forward pass never mixes models, a job's
+chunks run only while no request of a person waits for that model, and a batch is bounded by texts and
+by the tokenizer's token counts.
 
 A version is loaded before the multiplexer makes room for it (`StagedLoads`): Serve's multiplexer
 evicts its least recently used model first and loads after, so a version that fails to load would
@@ -32,6 +34,7 @@ from typing import Generic, TypeVar
 from ray import serve
 from ray.serve import metrics
 
+from deployments.batcher import Lane, PriorityBatcher
 from serve_app.embeddings.contract import (
     LOADED_KEY,
     EmbeddingBatch,
@@ -42,6 +45,7 @@ from serve_app.embeddings.contract import (
     joined,
     run_batch,
 )
+from serve_app.embeddings.service import split_by_tokens
 from serve_app.infra.redis import GuardedRedis
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
@@ -52,6 +56,8 @@ LOADED_REFRESH_S = 10
 FAILED_LOAD_RETRY_S = 30.0
 STAGED_KEEP_S = 60.0
 MAX_BATCH = 64  # texts (or pairs) per batch, summed over the requests in it
+MAX_BATCH_TOKENS = 2048  # tokens per batch (the pinned model's default, docs/benchmarks.md)
+BACKGROUND_BATCH = 16  # texts per batch of job chunks
 
 
 @dataclass(eq=False)
@@ -174,6 +180,7 @@ class ModelPool:
             return model
 
         self._loads: StagedLoads[PoolModel] = StagedLoads(load)
+        self._batchers: dict[str, PriorityBatcher] = {}
 
         async def hold(model_id: str) -> PoolModel:
             model = self._loads.take(model_id) or await load(model_id)  # staged, unless the multiplexer dropped it
@@ -211,28 +218,43 @@ class ModelPool:
         """What the requested model is; loads it if this replica does not hold it."""
         return (await self._model()).info()
 
-    async def embed(self, texts: list[str], lane: str = "interactive") -> EmbeddingBatch:
-        """Embeddings of texts. Both lanes share one queue here (a pool replica's batches are Serve's, first
-        come first served); the pinned deployments put interactive requests first."""
-        parts = [texts[i : i + MAX_BATCH] for i in range(0, len(texts), MAX_BATCH)]
-        return joined(await asyncio.gather(*(self._embed_batch(part) for part in parts)))
+    async def embed(self, texts: list[str], lane: Lane = "interactive") -> EmbeddingBatch:
+        """Embeddings of texts, in order. `background` (job chunks) runs only while no interactive request for
+        the same model waits here."""
+        return await self._answer("embed", texts, lane)
 
-    async def rerank(self, query: str, documents: list[str], lane: str = "interactive") -> RerankBatch:
-        parts = [documents[i : i + MAX_BATCH] for i in range(0, len(documents), MAX_BATCH)]
-        return joined(await asyncio.gather(*(self._rerank_batch([(query, d) for d in part]) for part in parts)))
+    async def rerank(self, query: str, documents: list[str], lane: Lane = "interactive") -> RerankBatch:
+        return await self._answer("rerank", [(query, d) for d in documents], lane)
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.0, batch_size_fn=items_in)
-    async def _embed_batch(self, requests: list[list[str]]) -> list[EmbeddingBatch]:
-        return await self._run("embed", requests)
+    async def _answer(self, task: str, items: list, lane: Lane) -> EmbeddingBatch | RerankBatch:
+        model = await self._model(task)  # loaded (or refused) before anything queues
+        batcher = self._batcher(serve.get_multiplexed_model_id())
+        count = model.engine.count_tokens
+        # Tokenizing a few texts takes well under a millisecond; a long list goes off the event loop.
+        tokens = count(items) if len(items) <= 32 else await asyncio.to_thread(count, items)
+        max_texts, max_tokens = batcher.limits(lane)
+        parts = split_by_tokens(items, tokens, max_tokens, max_texts)
+        return joined(await asyncio.gather(*(batcher.submit(part, n, lane) for part, n in parts)))
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.0, batch_size_fn=items_in)
-    async def _rerank_batch(self, requests: list[list[tuple[str, str]]]) -> list[RerankBatch]:
-        return await self._run("rerank", requests)
+    def _batcher(self, model_id: str) -> PriorityBatcher:
+        """This model id's batcher, made at its first request. Batchers of models this replica no longer holds
+        (the multiplexer evicted them) are stopped once nothing waits in them; none holds a model itself."""
+        batcher = self._batchers.get(model_id)
+        if batcher is None:
 
-    async def _run(self, task: str, requests: list) -> list:
-        model = await self._model(task)  # Ray splits batches by model id: one model here
-        self.texts_counter.inc(items_in(requests), tags={"model": model.manifest.name, "task": task})
-        return await run_batch(model.engine, task, model.manifest.name, model.manifest.version, requests)
+            async def run(requests: list) -> list:
+                model = await self._get_model(model_id)  # held, or loaded again if evicted since it queued
+                task = model.manifest.task
+                self.texts_counter.inc(items_in(requests), tags={"model": model.manifest.name, "task": task})
+                return await run_batch(model.engine, task, model.manifest.name, model.manifest.version, requests)
+
+            batcher = PriorityBatcher(
+                run, max_texts=MAX_BATCH, max_tokens=MAX_BATCH_TOKENS, background_max_texts=BACKGROUND_BATCH
+            )
+            self._batchers[model_id] = batcher
+        for gone in [k for k, b in self._batchers.items() if k != model_id and k not in self._held and b.idle()]:
+            self._batchers.pop(gone).close()
+        return batcher
 
     async def __del__(self) -> None:
         if self._publisher is not None:

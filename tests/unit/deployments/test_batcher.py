@@ -238,3 +238,23 @@ async def test_time_with_a_share_of_0_builds_no_debt_for_later(model):
     model.release.set()
     await asyncio.gather(blocker, *waiting)
     assert [b[0][0] for b in model.batches[1:]] == ["p0", "j0", "p1", "j1"]  # alternating, not jobs first
+
+
+@in_a_loop
+async def test_idle_means_nothing_queued_and_nothing_running_and_a_closed_batcher_starts_again(model):
+    batcher = PriorityBatcher(model.run, max_texts=64, max_tokens=10_000)
+    assert batcher.idle()
+    model.release.clear()
+    running = asyncio.ensure_future(batcher.submit(["a"], 1))
+    await settle()
+    assert not batcher.idle()  # a batch at the model
+    queued = asyncio.ensure_future(batcher.submit(["b"], 1, "background"))
+    await settle()
+    model.release.set()
+    assert await running == "a"
+    assert await queued == "b"
+    await settle()
+    assert batcher.idle()
+    batcher.close()  # the pool stops the batcher of a model it dropped
+    await settle()
+    assert await batcher.submit(["c"], 1) == "c"  # and one used again gets a worker again
