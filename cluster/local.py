@@ -121,9 +121,18 @@ def serve_settled(settings: ClusterSettings) -> tuple[bool, str]:
     waiting = {
         name: deployment.get("status")
         for name, deployment in (application.get("deployments") or {}).items()
-        if deployment.get("status") != "HEALTHY"
+        if not _settled(deployment)
     }
     return application.get("status") == "RUNNING" and not waiting, f"{application.get('status')}, waiting: {waiting}"
+
+
+def _settled(deployment: dict) -> bool:
+    """HEALTHY, or scaling because its autoscaler asked (a deployment that waits for CPUs to scale up, or a
+    node lost, must not hold `make up` forever); a config update still under way is not settled."""
+    status = deployment.get("status")
+    return status == "HEALTHY" or (
+        status in ("UPSCALING", "DOWNSCALING") and deployment.get("status_trigger") == "AUTOSCALING"
+    )
 
 
 def wait_ready(settings: ClusterSettings) -> dict:

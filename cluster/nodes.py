@@ -83,12 +83,12 @@ def ingress_upstreams(settings: ClusterSettings, details: dict) -> list[str] | N
         if group.get("app_name") != settings.serve_app_name or group.get("protocol") != "HTTP":
             continue
         for target in group.get("targets") or []:
-            if not str(target.get("name", "")).startswith("SERVE_REPLICA::"):
+            ip, port = target.get("ip"), target.get("port")
+            if not str(target.get("name", "")).startswith("SERVE_REPLICA::") or not ip or not port:
                 continue
-            ip = target["ip"]
             local = ip == settings.ray_node_ip or ipaddress.ip_address(ip).is_loopback
             # A replica binds Serve's http host: this machine's nodes are reached there.
-            upstreams.append(f"{settings.serve_host if local else ip}:{target['port']}")
+            upstreams.append(f"{settings.serve_host if local else ip}:{port}")
     return sorted(upstreams) or None
 
 

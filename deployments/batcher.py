@@ -1,7 +1,7 @@
 """A model replica's batcher: people first, jobs when no one waits; batches bounded by texts and by tokens.
 
-It takes the place of `@serve.batch` in the pinned model deployment, for two things Serve's batching
-does not do:
+It takes the place of `@serve.batch` in the pinned model deployment and, one per model id, in the model
+pool, for two things Serve's batching does not do:
 
 - **Two lanes.** A request is `interactive` (a person waits on it: the gateway's synchronous
   routes) or `background` (a job chunk). A batch is drawn from the interactive lane whenever anything
@@ -150,7 +150,11 @@ class PriorityBatcher(Generic[R]):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._run_batch(batch)
+            self._running = True  # from here until its callers are answered: not idle, so not closed
+            try:
+                await self._run_batch(batch)
+            finally:
+                self._running = False
 
     def _take(self) -> list[_Entry]:
         """The next batch: interactive entries first (background ones when its share is due and both wait),
@@ -177,7 +181,12 @@ class PriorityBatcher(Generic[R]):
 
     async def _run_batch(self, batch: list[_Entry]) -> None:
         if self.wait_s > 0:  # an idle wait for more to queue (measured slower here; kept for other machines)
-            await asyncio.sleep(self.wait_s)
+            try:
+                await asyncio.sleep(self.wait_s)
+            except BaseException:
+                for entry in batch:
+                    entry.future.cancel()
+                raise
             batch = self._fill(batch)
         batch = [entry for entry in batch if not entry.future.done()]
         if not batch:
@@ -196,7 +205,6 @@ class PriorityBatcher(Generic[R]):
                 )
             except Exception:  # metrics never fail a batch
                 logger.exception("recording a batch failed")
-        self._running = True
         try:
             results = await self._run([entry.items for entry in batch])
             if len(results) != len(batch):
@@ -210,8 +218,6 @@ class PriorityBatcher(Generic[R]):
             for entry in batch:
                 entry.future.cancel()
             raise
-        finally:
-            self._running = False
         for entry, result in zip(batch, results, strict=True):
             if not entry.future.done():
                 entry.future.set_result(result)

@@ -108,14 +108,29 @@ class TokenCounter:
     """
 
     def __init__(self, tokenizer, max_length: int, strategy: str = "longest_first") -> None:
+        self._max_length, self._strategy = max_length, strategy
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a tokenizer without a Rust one (a Python or SentencePiece backend): a copy, in turn
+            import copy
+            import threading
+
+            self._slow, self._lock = copy.deepcopy(tokenizer), threading.Lock()
+            return
         from tokenizers import Tokenizer
 
-        self._tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._slow = None
+        self._tokenizer = Tokenizer.from_str(backend.to_str())
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length, strategy=strategy)
 
     def __call__(self, items: list) -> list[int]:
         """Tokens per item: a text, or a (query, document) pair."""
+        if self._slow is not None:
+            pairs = bool(items) and isinstance(items[0], tuple | list)
+            args = ([q for q, _ in items], [d for _, d in items]) if pairs else (items,)
+            with self._lock:
+                ids = self._slow(*args, truncation=self._strategy, max_length=self._max_length)["input_ids"]
+            return [len(one) for one in ids]
         return [len(encoding.ids) for encoding in self._tokenizer.encode_batch(items, add_special_tokens=True)]
 
 

@@ -34,7 +34,7 @@ from typing import Generic, TypeVar
 from ray import serve
 from ray.serve import metrics
 
-from deployments.batcher import Lane, PriorityBatcher
+from deployments.batcher import LANES, Lane, PriorityBatcher
 from serve_app.embeddings.contract import (
     LOADED_KEY,
     EmbeddingBatch,
@@ -227,6 +227,8 @@ class ModelPool:
         return await self._answer("rerank", [(query, d) for d in documents], lane)
 
     async def _answer(self, task: str, items: list, lane: Lane) -> EmbeddingBatch | RerankBatch:
+        if lane not in LANES:  # before a model is loaded for it
+            raise ValueError(f"lane {lane!r} is not one of {LANES}")
         model = await self._model(task)  # loaded (or refused) before anything queues
         batcher = self._batcher(serve.get_multiplexed_model_id())
         count = model.engine.count_tokens
@@ -238,12 +240,18 @@ class ModelPool:
 
     def _batcher(self, model_id: str) -> PriorityBatcher:
         """This model id's batcher, made at its first request. Batchers of models this replica no longer holds
-        (the multiplexer evicted them) are stopped once nothing waits in them; none holds a model itself."""
+        (the multiplexer evicted them) are stopped at a later request, once nothing waits in them; none holds a
+        model itself."""
         batcher = self._batchers.get(model_id)
         if batcher is None:
 
             async def run(requests: list) -> list:
-                model = await self._get_model(model_id)  # held, or loaded again if evicted since it queued
+                # Held (a queued request keeps its model alive, so the weak dict still has it), or else the
+                # multiplexer's, as a request would: staged first, so a failed load evicts nothing.
+                model = self._held.get(model_id)
+                if model is None:
+                    await self._loads.prepare(model_id)
+                    model = await self._get_model(model_id)
                 task = model.manifest.task
                 self.texts_counter.inc(items_in(requests), tags={"model": model.manifest.name, "task": task})
                 return await run_batch(model.engine, task, model.manifest.name, model.manifest.version, requests)

@@ -255,28 +255,25 @@ class Bench:
         response = httpx.get(f"{self.settings.public_url}/v1/models/{MODEL}", headers=self.headers, timeout=30)
         return response.json().get("backend", "torch") if response.status_code == 200 else "torch"
 
-    def push(self, directory: Path, name: str, version: str) -> None:
-        """models push, as an operator would. A --quick run pushes a new version without its ONNX export
-        (about 17 s a model here; the export is tested with `models push` itself): the pool serves it on torch."""
+    def push(self, directory: Path, name: str, version: str) -> str:
+        """models push, as an operator would; the name pushed. A --quick run pushes under a name of its own
+        (`<name>-quick`) and without the ONNX export (about 17 s a model here; `models push` has its own
+        tests of it): its torch-only versions never stand in for the ones a full run measures on ONNX."""
         from cluster import models
-        from serve_app.model_repository import ModelRepository, VersionNotFoundError
 
-        export = True
         if self.quick:
-            try:
-                ModelRepository.from_settings(self.settings).manifest(name, version)
-            except VersionNotFoundError:
-                export = False
-        models.push(self.settings, directory, name, version, onnx=export)
+            name = f"{name}-quick"
+        models.push(self.settings, directory, name, version, onnx=not self.quick)
+        return name
 
     def ondemand(self) -> None:
         """The default model's weights as a model the Serve config does not pin: the pool serves it."""
         from cluster.seed import default_model_dir
 
-        self.push(default_model_dir(), ONDEMAND_MODEL, "1")
+        name = self.push(default_model_dir(), ONDEMAND_MODEL, "1")
         url = f"{self.settings.public_url}/v1/embeddings"
-        self.loadgen(url, max(self.levels), max(self.sizes), "fresh", ONDEMAND_MODEL)  # loads it, warms
-        self.measure("ondemand", url, model_metrics=False, model=ONDEMAND_MODEL)
+        self.loadgen(url, max(self.levels), max(self.sizes), "fresh", name)  # loads it, warms
+        self.measure("ondemand", url, model_metrics=False, model=name)
 
     def rerank(self) -> None:
         """A MiniLM-L6 cross-encoder (what cross-encoder/ms-marco-MiniLM-L-6-v2 is) on demand, and in-process."""
@@ -309,8 +306,7 @@ class Bench:
                 created=datetime.now(UTC),
             ).digest[:12]
         )
-        self.push(directory, RERANK_MODEL, version)
-        self.rerank_model = f"{RERANK_MODEL}:{version}"
+        self.rerank_model = f"{self.push(directory, RERANK_MODEL, version)}:{version}"
         sizes = ",".join(str(s) for s in self.sizes)
         result = subprocess.run(
             [

@@ -76,7 +76,7 @@ T = TypeVar("T")
 
 
 def items_in(requests: Sequence[Sequence[object]]) -> int:
-    """The size of a batch of requests in items (texts, or pairs): @serve.batch's batch_size_fn."""
+    """The size of a batch of requests in items (texts, or pairs)."""
     return sum(len(items) for items in requests)
 
 

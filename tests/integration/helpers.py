@@ -73,7 +73,11 @@ def job_diagnosis(settings, job_id: str) -> str:
         parts.append(f"replicas: unread ({exc!r})")
     logs = Path(Ray("ray", settings).temp_dir) / "session_latest" / "logs" / "serve"
     for log in sorted(logs.glob("replica_*JobWorker*.log")) + sorted(logs.glob("replica_*EmbeddingModel*.log")):
-        lines = log.read_text(errors="replace").splitlines()
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError as exc:
+            parts.append(f"{log.name}: unread ({exc!r})")
+            continue
         named = [line for line in lines if job_id in line][-5:]
         errors = [line for line in lines if line.startswith(("ERROR", "WARNING"))][-5:]
         if named or errors:

@@ -162,3 +162,27 @@ def test_counting_tokens_in_another_thread_never_disturbs_the_forward_pass(embed
     finally:
         counter.join()
     assert not failures, f"{len(failures)} disturbed: {failures[:3]}"
+
+
+def test_a_tokenizer_without_a_rust_backend_counts_the_same_through_its_own_copy():
+    from transformers import BertTokenizerFast
+
+    from deployments.encoder import TokenCounter
+
+    class PythonBackend:
+        """A tokenizer with no Rust tokenizer under it (transformers' Python and SentencePiece backends)."""
+
+        def __init__(self, tokenizer) -> None:
+            self.tokenizer = tokenizer
+
+        def __call__(self, *args, **kwargs):
+            return self.tokenizer(*args, **kwargs)
+
+    fast = BertTokenizerFast.from_pretrained(default_model_dir())
+    slow = PythonBackend(BertTokenizerFast.from_pretrained(default_model_dir()))
+    texts = ["a", "a short one", "word " * 300]
+    pairs = [("what do pandas eat?", text) for text in texts]
+    for counter in (TokenCounter(slow, 64), TokenCounter(fast, 64)):
+        assert counter(texts) == [len(ids) for ids in fast(texts, truncation=True, max_length=64)["input_ids"]]
+        expected = fast([q for q, _ in pairs], [d for _, d in pairs], truncation="longest_first", max_length=64)
+        assert counter(pairs) == [len(ids) for ids in expected["input_ids"]]
