@@ -96,15 +96,11 @@ def live_upstreams(settings: ClusterSettings, alive: list[dict] | None = None) -
     """host:port of every healthy Serve proxy, from Serve's state; None when it cannot be read.
     With direct ingress, every gateway replica's own port instead, while any runs.
     `alive`: Ray's alive nodes when the caller has just read them."""
-    if settings.serve_direct_ingress:
-        try:
-            found = ingress_upstreams(settings, serve_details(settings))
-        except (OSError, ValueError):
-            return None
-        if found:
-            return found
     try:
-        proxies = serve_details(settings).get("proxies") or {}
+        details = serve_details(settings)
+        if settings.serve_direct_ingress and (found := ingress_upstreams(settings, details)):
+            return found
+        proxies = details.get("proxies") or {}
         nodes = {n["node_id"]: n for n in (alive_nodes(settings) if alive is None else alive)}
     except (OSError, ValueError):
         return None

@@ -124,6 +124,19 @@ class PriorityBatcher(Generic[R]):
         self._wake.set()
         return await entry.future  # a caller cancelled here cancels the future: its entry is skipped
 
+    async def submit_items(
+        self, items: Sequence[object], count_tokens: Callable[[Sequence[object]], list[int]], lane: Lane
+    ) -> list[R]:
+        """One request's items in parts that each fit its lane's batch (texts and tokens, the model's own counts),
+        submitted together: each part's result, in order."""
+        from serve_app.embeddings.service import split_by_tokens
+
+        # Tokenizing a few texts takes well under a millisecond; a long list goes off the event loop.
+        tokens = count_tokens(items) if len(items) <= 32 else await asyncio.to_thread(count_tokens, items)
+        max_texts, max_tokens = self.limits(lane)
+        parts = split_by_tokens(list(items), tokens, max_tokens, max_texts)
+        return list(await asyncio.gather(*(self.submit(part, n, lane) for part, n in parts)))
+
     def idle(self) -> bool:
         """Nothing queued, and no batch at the model."""
         return not self._running and not any(self._live(lane) for lane in LANES)

@@ -19,7 +19,6 @@ from ray.serve import metrics
 
 from deployments.batcher import BatchFormed, Lane, PriorityBatcher
 from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch, joined, run_batch
-from serve_app.embeddings.service import split_by_tokens
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
 
@@ -224,12 +223,7 @@ class EmbeddingModel:
         loaded = self._require_loaded(task)  # the wrong task is refused here, never queued
         if not self.config.interactive_first:
             lane = "interactive"
-        max_texts, max_tokens = self.batcher.limits(lane)
-        count = loaded.encoder.count_tokens
-        # Tokenizing a few texts takes well under a millisecond; a long list goes off the event loop.
-        tokens = count(items) if len(items) <= 32 else await asyncio.to_thread(count, items)
-        parts = split_by_tokens(items, tokens, max_tokens, max_texts)
-        answers = await asyncio.gather(*(self.batcher.submit(part, tokens, lane) for part, tokens in parts))
+        answers = await self.batcher.submit_items(items, loaded.encoder.count_tokens, lane)
         if len({a.version for a in answers}) > 1:  # a version swap landed between parts: answer from one version
             return await self._answer(task, items, lane)
         return joined(answers)

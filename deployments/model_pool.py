@@ -45,7 +45,6 @@ from serve_app.embeddings.contract import (
     joined,
     run_batch,
 )
-from serve_app.embeddings.service import split_by_tokens
 from serve_app.infra.redis import GuardedRedis
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
@@ -231,12 +230,7 @@ class ModelPool:
             raise ValueError(f"lane {lane!r} is not one of {LANES}")
         model = await self._model(task)  # loaded (or refused) before anything queues
         batcher = self._batcher(serve.get_multiplexed_model_id())
-        count = model.engine.count_tokens
-        # Tokenizing a few texts takes well under a millisecond; a long list goes off the event loop.
-        tokens = count(items) if len(items) <= 32 else await asyncio.to_thread(count, items)
-        max_texts, max_tokens = batcher.limits(lane)
-        parts = split_by_tokens(items, tokens, max_tokens, max_texts)
-        return joined(await asyncio.gather(*(batcher.submit(part, n, lane) for part, n in parts)))
+        return joined(await batcher.submit_items(items, model.engine.count_tokens, lane))
 
     def _batcher(self, model_id: str) -> PriorityBatcher:
         """This model id's batcher, made at its first request. Batchers of models this replica no longer holds

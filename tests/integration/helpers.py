@@ -35,11 +35,10 @@ def job_diagnosis(settings, job_id: str) -> str:
     import json
     from pathlib import Path
 
-    import httpx
     import pika
     from pymongo import MongoClient
 
-    from cluster.secrets import ray_auth_headers
+    from cluster.nodes import serve_details
     from cluster.services import Ray
     from serve_app.infra.rabbitmq import connection_parameters
 
@@ -62,10 +61,7 @@ def job_diagnosis(settings, job_id: str) -> str:
     except Exception as exc:
         parts.append(f"queues: unread ({exc!r})")
     try:
-        applications = httpx.get(
-            f"{settings.dashboard_url}/api/serve/applications/", headers=ray_auth_headers(settings), timeout=10
-        ).json()
-        deployments = applications["applications"][settings.serve_app_name]["deployments"]
+        deployments = serve_details(settings)["applications"][settings.serve_app_name]["deployments"]
         for name in ("JobWorker", "EmbeddingModel"):
             replicas = [(r.get("state"), r.get("pid"), r.get("node_ip")) for r in deployments[name]["replicas"]]
             parts.append(f"{name} replicas: {replicas}")
