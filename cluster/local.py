@@ -28,7 +28,6 @@ import yaml
 from cluster import netns
 from cluster.dev_key import ensure_dev_key
 from cluster.nodes import (
-    WORKER_PREFIX,
     NginxSync,
     layout,
     node_ids,
@@ -168,10 +167,6 @@ def up(settings: ClusterSettings | None = None) -> list[str]:
         network = f"{netns.BRIDGE} {settings.bridge_address}/{settings.node_subnet.prefixlen}"
         _say(f"  {'node network':<13} {'ready':<9} {network}")
     order = _in_order(settings)
-    if settings.serve_direct_ingress and any(service.name.startswith(WORKER_PREFIX) for service in order):
-        # Ray then runs no proxy on worker nodes, and a gateway replica there binds Serve's host (loopback)
-        # in its node's namespace, where NGINX cannot reach it.
-        raise ServiceError("INFER_SERVE_DIRECT_INGRESS runs on one node here; start it with WORKERS=0")
     started = []
     for service in order:
         began = time.monotonic()
@@ -329,8 +324,10 @@ def _say_nodes(settings: ClusterSettings) -> None:
         return
     _say("  nodes:")
     for row in rows:
-        proxy = f"{row['proxy']} {row['proxy_status']}" if row["proxy"] else "no proxy"
-        _say(f"    {row['node']:<9} {row['node_id']}  proxy {proxy:<27} {', '.join(row['replicas']) or '-'}")
+        proxy = f"{row['proxy']} {row['proxy_status']}" if row["proxy"] else "none"
+        doors = ", ".join(row["doors"]) or "none"
+        replicas = ", ".join(row["replicas"]) or "-"
+        _say(f"    {row['node']:<9} {row['node_id']}  proxy {proxy:<24} NGINX -> {doors:<19} {replicas}")
 
 
 def main(argv: list[str] | None = None) -> int:

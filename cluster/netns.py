@@ -30,6 +30,7 @@ from dataclasses import dataclass
 BRIDGE = "infer-br0"
 NAMESPACE_PREFIX = "infer-node-"
 NFT_TABLE = "infer_cluster"  # family inet
+FORWARD_TABLE = "infer_node_forward"  # family ip, inside a node's namespace
 
 
 class NetnsError(RuntimeError):
@@ -161,6 +162,35 @@ class NodeNamespace:
         _ip(*inside, "link", "set", "lo", "up")
         _ip(*inside, "link", "set", "eth0", "up")
         _ip(*inside, "route", "replace", "default", "via", bridge_address(self.subnet))
+
+    def forward_to_loopback(self, ports: list[int | tuple[int, int]]) -> None:
+        """Connections that reach the node's address at these ports (a port, or a range low..high) go to the
+        same port on the namespace's loopback, where Serve binds (its one HTTP host, loopback, for every
+        node): the node's proxy and its gateway replicas' own ports, reached by NGINX over the bridge.
+
+        A DNAT rule in the namespace does it, as a relay would without a process of its own; the kernel
+        routes to loopback from eth0 only with `route_localnet` set on it. Made or replaced at once."""
+        listed = ", ".join(str(p) if isinstance(p, int) else f"{p[0]}-{p[1]}" for p in ports)
+        sysctl = "/proc/sys/net/ipv4/conf/eth0/route_localnet"
+        run = subprocess.run(
+            self.exec_argv(["sh", "-c", f"echo 1 > {sysctl}"]), capture_output=True, text=True, check=False
+        )
+        if run.returncode != 0:
+            raise NetnsError(f"{self.name}: setting route_localnet: {run.stderr.strip() or run.returncode}")
+        rules = f"""
+table ip {FORWARD_TABLE} {{}}
+delete table ip {FORWARD_TABLE}
+table ip {FORWARD_TABLE} {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "eth0" ip daddr {self.address} tcp dport {{ {listed} }} dnat to 127.0.0.1
+    }}
+}}
+"""
+        nft = shutil.which("nft") or "/usr/sbin/nft"
+        run = subprocess.run(self.exec_argv([nft, "-f", "-"]), input=rules, capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            raise NetnsError(f"{self.name}: nft: {run.stderr.strip() or run.returncode}")
 
     def remove(self) -> None:
         """The namespace and its veth pair, unless a process still runs inside."""

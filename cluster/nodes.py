@@ -24,7 +24,7 @@ from pathlib import Path
 from cluster.netns import NodeNamespace
 from cluster.processes import ManagedProcess
 from cluster.secrets import ray_auth_headers
-from cluster.services import VENV_BIN, Nginx, Ray, Service, _require, ray_env
+from cluster.services import VENV_BIN, Nginx, Ray, Service, ray_env
 from cluster.settings import ClusterSettings
 from serve_app.settings import REPO_ROOT
 
@@ -66,7 +66,7 @@ def proxy_port(settings: ClusterSettings, node: dict) -> int:
 
 def proxy_address(settings: ClusterSettings, node: dict) -> str:
     """host:port where NGINX reaches a node's proxy: Serve's own host on this machine's nodes, the node's
-    address for a node elsewhere (in the netns layout, its relay in front of its proxy listens there)."""
+    address for a node elsewhere (in the netns layout, the namespace forwards it to the proxy's loopback)."""
     local = node.get("node_ip") == settings.ray_node_ip or ipaddress.ip_address(node["node_ip"]).is_loopback
     return f"{settings.serve_host if local else node['node_ip']}:{proxy_port(settings, node)}"
 
@@ -75,31 +75,39 @@ def serve_details(settings: ClusterSettings) -> dict:
     return dashboard_get(settings, "/api/serve/applications/")
 
 
-def ingress_upstreams(settings: ClusterSettings, details: dict) -> list[str] | None:
-    """With direct ingress (INFER_SERVE_DIRECT_INGRESS): host:port of every running gateway replica's own HTTP
-    server, from Serve's target groups; None while none runs (Serve then names the head's proxy instead)."""
-    upstreams = []
+def ingress_targets(settings: ClusterSettings, details: dict) -> dict[str, str]:
+    """With direct ingress (INFER_SERVE_DIRECT_INGRESS): each running gateway replica's own HTTP server, by
+    replica id, as host:port NGINX reaches it at, from Serve's target groups."""
+    found = {}
     for group in details.get("target_groups") or []:
         if group.get("app_name") != settings.serve_app_name or group.get("protocol") != "HTTP":
             continue
         for target in group.get("targets") or []:
-            ip, port = target.get("ip"), target.get("port")
-            if not str(target.get("name", "")).startswith("SERVE_REPLICA::") or not ip or not port:
+            ip, port, name = target.get("ip"), target.get("port"), str(target.get("name", ""))
+            if not name.startswith("SERVE_REPLICA::") or not ip or not port:
                 continue
             local = ip == settings.ray_node_ip or ipaddress.ip_address(ip).is_loopback
-            # A replica binds Serve's http host: this machine's nodes are reached there.
-            upstreams.append(f"{settings.serve_host if local else ip}:{port}")
-    return sorted(upstreams) or None
+            # A replica binds Serve's http host: this machine's nodes are reached there, a node in a
+            # namespace at its address (the namespace forwards it to loopback, cluster/netns.py).
+            found[name.rsplit("#", 1)[-1]] = f"{settings.serve_host if local else ip}:{port}"
+    return found
+
+
+def ingress_upstreams(settings: ClusterSettings, details: dict) -> list[str] | None:
+    """host:port of every running gateway replica's own HTTP server; None while none runs (Serve then
+    names the head's proxy in its target groups instead)."""
+    return sorted(ingress_targets(settings, details).values()) or None
 
 
 def live_upstreams(settings: ClusterSettings, alive: list[dict] | None = None) -> list[str] | None:
-    """host:port of every healthy Serve proxy, from Serve's state; None when it cannot be read.
-    With direct ingress, every gateway replica's own port instead, while any runs.
-    `alive`: Ray's alive nodes when the caller has just read them."""
+    """NGINX's servers, from Serve's state; None when it cannot be read.
+
+    Without direct ingress: host:port of every healthy Serve proxy. With it: every gateway replica's own
+    port, and the Serve proxy (on the head node only) as a backup ("host:port backup"), which NGINX uses
+    only while no replica's port answers (a replica replaced, its new port not yet read here); the proxy
+    alone while no gateway replica runs. `alive`: Ray's alive nodes when the caller has just read them."""
     try:
         details = serve_details(settings)
-        if settings.serve_direct_ingress and (found := ingress_upstreams(settings, details)):
-            return found
         proxies = details.get("proxies") or {}
         nodes = {n["node_id"]: n for n in (alive_nodes(settings) if alive is None else alive)}
     except (OSError, ValueError):
@@ -110,20 +118,28 @@ def live_upstreams(settings: ClusterSettings, alive: list[dict] | None = None) -
         if node is None or proxy.get("status") not in ("HEALTHY", "STARTING"):
             continue
         upstreams.append(proxy_address(settings, node))
+    direct = ingress_upstreams(settings, details) if settings.serve_direct_ingress else None
+    if direct:
+        return direct + [f"{upstream} backup" for upstream in sorted(upstreams)]
     return sorted(upstreams) or None
 
 
 def layout(settings: ClusterSettings) -> list[dict]:
-    """Each alive node: its id, address, role, proxy (host:port, status) and the replicas on it."""
+    """Each alive node: its id, address, role, proxy (host:port, status), the replicas on it and its doors
+    (where NGINX sends requests to it: its gateway replicas' own ports with direct ingress, else its proxy)."""
     nodes = alive_nodes(settings)
     details = serve_details(settings)
     proxies = details.get("proxies") or {}
+    targets = ingress_targets(settings, details) if settings.serve_direct_ingress else {}
     replicas: dict[str, list[str]] = {}
+    doors: dict[str, list[str]] = {}
     for app in (details.get("applications") or {}).values():
         for name, deployment in (app.get("deployments") or {}).items():
             for replica in deployment.get("replicas") or []:
                 if replica.get("state") == "RUNNING":
                     replicas.setdefault(replica.get("node_id"), []).append(name)
+                    if replica.get("replica_id") in targets:
+                        doors.setdefault(replica.get("node_id"), []).append(targets[replica["replica_id"]])
     rows = []
     for node in sorted(nodes, key=lambda n: (not n.get("is_head_node"), worker_index(n) or 0)):
         index = worker_index(node)
@@ -136,6 +152,11 @@ def layout(settings: ClusterSettings) -> list[dict]:
                 "proxy": proxy_address(settings, node) if proxy else None,
                 "proxy_status": proxy.get("status") if proxy else None,
                 "replicas": sorted(replicas.get(node["node_id"], [])),
+                "doors": sorted(doors.get(node["node_id"], []))
+                if targets
+                else [proxy_address(settings, node)]
+                if proxy
+                else [],
             }
         )
     return rows
@@ -157,12 +178,6 @@ class RayWorker(Service):
     def namespace(self) -> NodeNamespace | None:
         """The node's own network namespace (netns layout), or None when it shares the head's."""
         return NodeNamespace(self.settings.node_subnet, self.index) if self.settings.netns_layout else None
-
-    @property
-    def relay(self) -> ManagedProcess:
-        """netns layout: Serve binds every proxy to one host (loopback); this relay, inside the node's
-        namespace, takes the node's address and port to that proxy, so NGINX reaches it over the bridge."""
-        return ManagedProcess(f"node-relay-{self.index}", self.settings.state_dir)
 
     @property
     def proxy_port(self) -> int:
@@ -187,7 +202,7 @@ class RayWorker(Service):
 
     def answers(self) -> bool:
         """Our process runs and Ray lists the node alive (Ray lists a killed node alive a while longer)."""
-        if not self.process.running or (self.namespace and not self.relay.running):
+        if not self.process.running:
             return False
         try:
             return any(self.resource in n.get("resources_total", {}) for n in alive_nodes(self.settings))
@@ -205,13 +220,7 @@ class RayWorker(Service):
             namespace.ensure()
             env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
             env.update(s.node_service_env())  # the stores at the bridge address, not the node's own loopback
-            relay = [
-                _require("socat"),
-                f"TCP-LISTEN:{self.proxy_port},bind={namespace.address},fork,reuseaddr",
-                f"TCP:{s.serve_host}:{self.proxy_port}",
-            ]
-            self.relay.stop(timeout_s=5)  # one left by a node that died would hold the address
-            self.relay.start(namespace.exec_argv(relay), cwd=REPO_ROOT)
+            namespace.forward_to_loopback([self.proxy_port, s.serve_direct_ingress_ports])
             ray = [str(VENV_BIN / "ray")]
             node_ip = namespace.address
         elif s.ray_node_ip == "127.0.0.1":
@@ -246,7 +255,6 @@ class RayWorker(Service):
 
     def stop(self) -> bool:
         stopped = self.process.stop(timeout_s=30)
-        stopped = self.relay.stop(timeout_s=5) or stopped
         if self.namespace:
             self.namespace.remove()
         return stopped

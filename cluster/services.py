@@ -59,6 +59,11 @@ def ray_env(settings: ClusterSettings) -> dict[str, str]:
     env.setdefault("INFER_CALLBACK_ALLOW_NETWORKS", '["198.18.0.2/32"]')
     if settings.serve_direct_ingress:
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        low, high = settings.serve_direct_ingress_ports
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = (
+            str(low),
+            str(high),
+        )
     env["INFER_STATE_DIR"] = str(settings.state_dir)
     return env
 

@@ -15,7 +15,7 @@ cross-encoder in-process, all cores). plain, serve, full and cached run in two r
 the backend served above 1.0 fails the run as a measurement error. Experiments not in the default
 run: backends, batchwait, priority (sync requests next to a 3,000-text job, lanes off and on), cold
 (a burst after a minute idle), door (NGINX in front of Serve's proxy and of the gateway replicas' own
-ports, direct ingress: a cluster started with INFER_SERVE_DIRECT_INGRESS=1) and fused
+ports, direct ingress: the default, not INFER_SERVE_DIRECT_INGRESS=0) and fused
 (loadtests/fused_app.py, the gateway and the model in one deployment, reached like serve); name them
 with `--setups`. The load generator is its own process
 and reports the CPU it used. Writes results.json and chart.png to the results directory
@@ -433,14 +433,14 @@ class Bench:
 
     def door(self, points: tuple[tuple[int, int], ...] = ((1, 1), (1, 32), (16, 32))) -> None:
         """NGINX in front of Serve's proxy (its one hop through a handle to the gateway) and in front of each
-        gateway replica's own HTTP port (Ray Serve's direct ingress), switched between rounds, A B A B. Both doors
-        are open only on a cluster started with INFER_SERVE_DIRECT_INGRESS=1; NGINX is left on direct ingress,
-        what nginx-sync keeps there."""
-        from cluster.nodes import ingress_upstreams, serve_details, sync_nginx_once
+        gateway replica's own HTTP port (Ray Serve's direct ingress, the default), switched between rounds, A B A B.
+        Both doors are open only on a cluster with direct ingress (not INFER_SERVE_DIRECT_INGRESS=0); NGINX is
+        left as nginx-sync keeps it (the replicas' ports, the proxy as their backup)."""
+        from cluster.nodes import ingress_upstreams, live_upstreams, serve_details, sync_nginx_once
 
         direct = ingress_upstreams(self.settings, serve_details(self.settings))
         if not direct:
-            why = "no gateway replica has a port of its own: start the cluster with INFER_SERVE_DIRECT_INGRESS=1"
+            why = "no gateway replica has a port of its own: the cluster runs without direct ingress"
             print(f"  skipped: {why}", flush=True)
             self.results["door"] = {"skipped": why}
             return
@@ -462,7 +462,7 @@ class Bench:
                             flush=True,
                         )
         finally:
-            sync_nginx_once(self.settings, direct)
+            sync_nginx_once(self.settings, live_upstreams(self.settings) or direct)
         self.results["door"] = {"upstreams": doors, "runs": rows}
 
     def cold(self, idle_s: float = 60.0, window_s: float = 20.0, clients: int = 32, size: int = 16) -> None:

@@ -1,7 +1,8 @@
-"""More than one Ray node on this machine: a worker node joins, takes replicas behind its own proxy
-with weights it pulled itself, is lost under load, joins again (`make up WORKERS=1`), and (in the
-netns layout, where the worker has a network namespace and an address of its own) is cut off by a
-partition and comes back without a split.
+"""More than one Ray node on this machine: a worker node joins, takes replicas (a gateway NGINX sends
+to directly, or its proxy without direct ingress) with weights it pulled itself, loses its door under
+load, is lost under load, joins again (`make up WORKERS=1`), and (in the netns layout, where the worker
+has a network namespace and an address of its own) is cut off by a partition and comes back without a
+split.
 
 The figures (requests failed at the loss, seconds to full strength, seconds to join and serve) are
 written to <state_dir>/multinode-figures.json for the README's multi-node section.
@@ -10,6 +11,7 @@ written to <state_dir>/multinode-figures.json for the README's multi-node sectio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -31,14 +33,17 @@ MODEL = "all-minilm-l6-v2"
 CLIENTS = 8
 
 
-def head_proxy(settings) -> str:
-    return f"{settings.serve_host}:{settings.serve_port}"
+def doors(settings, node: str) -> list[str]:
+    """Where NGINX sends requests to a node ("head", "worker-1"): its gateway replicas' own ports with
+    direct ingress, else its proxy; host:port as NGINX names them (a worker in a namespace at its address)."""
+    return next((row["doors"] for row in layout(settings) if row["node"] == node), [])
 
 
-def worker_proxy(settings) -> str:
-    """The worker's proxy as NGINX names it: on loopback next to the head, at its own address in a namespace."""
-    namespace = workers(settings, 1)[0].namespace
-    return f"{namespace.address if namespace else settings.serve_host}:{settings.worker_proxy_port_base + 1}"
+def nginx_servers(settings) -> list[str]:
+    """host:port of every server in NGINX's upstream block (a backup's too)."""
+    config = (settings.state_dir / "nginx" / "nginx.conf").read_text()
+    block = re.search(r"upstream serve_proxies \{(.*?)\}", config, re.S).group(1)
+    return re.findall(r"server (\S+)", block)
 
 
 def settled(settings) -> bool:
@@ -56,12 +61,8 @@ def with_workers(settings, count: int):
     return settings.model_copy(update={"workers": count})
 
 
-def upstreams(settings) -> str:
-    return (settings.state_dir / "nginx" / "nginx.conf").read_text()
-
-
 def served_by(settings, request_ids: set[str]) -> list[str]:
-    """Which proxy answered each of these requests, from NGINX's access log (the last upstream tried)."""
+    """Which door answered each of these requests, from NGINX's access log (the last upstream tried)."""
     log = settings.state_dir / "nginx" / "logs" / "access.log"
     found = {}
     for line in log.read_text(errors="replace").split("\n"):
@@ -74,14 +75,16 @@ def served_by(settings, request_ids: set[str]) -> list[str]:
 
 
 def serving_on_two_nodes(settings) -> bool:
-    """The app is RUNNING (no rolling restart under way) with the model on both nodes and a gateway and
-    a proxy on the worker, which NGINX balances to."""
+    """The app is RUNNING (no rolling restart under way) with the model on both nodes and a gateway on
+    the worker, whose door NGINX balances to."""
     worker = running(settings, "worker-1")
+    door = doors(settings, "worker-1")
     return (
         settled(settings)
         and "EmbeddingModel" in running(settings, "head")
         and {"EmbeddingModel", "Gateway"} <= set(worker)
-        and worker_proxy(settings) in upstreams(settings)
+        and bool(door)
+        and set(door) <= set(nginx_servers(settings))
     )
 
 
@@ -105,7 +108,8 @@ def back_on_one_node(settings) -> bool:
         and not running(settings, "worker-1")
         and head.count("Gateway") == 1
         and head.count("EmbeddingModel") >= 2
-        and worker_proxy(settings) not in upstreams(settings)
+        and bool(doors(settings, "head"))
+        and set(nginx_servers(settings)) <= {*doors(settings, "head"), f"{settings.serve_host}:{settings.serve_port}"}
     )
 
 
@@ -127,7 +131,7 @@ def worker(settings):
         assert wait_until(lambda: back_on_one_node(settings), 240, interval_s=1), layout(settings)
 
 
-def test_a_worker_node_serves_through_its_own_proxy_with_weights_it_pulled(settings, api, worker):
+def test_a_worker_node_serves_through_its_own_door_with_weights_it_pulled(settings, api, worker):
     node, cache_was_empty = worker
     assert cache_was_empty is not False, "the worker's weight cache was not empty before it joined"
     verified = list(node.cache_dir.rglob(VERIFIED_MARKER))
@@ -146,8 +150,9 @@ def test_a_worker_node_serves_through_its_own_proxy_with_weights_it_pulled(setti
         )
         assert answer.status_code == 200, answer.text
     assert wait_until(lambda: len(served_by(settings, ids)) == len(ids), 10)  # NGINX flushes its log every second
-    proxies = served_by(settings, ids)
-    assert {head_proxy(settings), worker_proxy(settings)} <= set(proxies), f"requests reached only {set(proxies)}"
+    answered = set(served_by(settings, ids))
+    assert answered & set(doors(settings, "head")), f"no request reached the head's door: {answered}"
+    assert answered & set(doors(settings, "worker-1")), f"no request reached the worker's door: {answered}"
 
 
 @dataclass
@@ -198,22 +203,26 @@ def kill_node(pid: int) -> None:
             os.kill(member, signal.SIGKILL)
 
 
-def test_losing_the_worker_nodes_proxy_under_load_costs_at_most_its_in_flight_requests(settings, auth_headers, worker):
-    """NGINX retries embeddings on the head's proxy while Serve replaces the worker's."""
-    port = settings.worker_proxy_port_base + 1
+def test_losing_the_worker_nodes_door_under_load_costs_at_most_its_in_flight_requests(settings, auth_headers, worker):
+    """The process NGINX sends the worker's share to (its gateway replica with direct ingress, else its
+    proxy) killed: NGINX retries embeddings on the head's door while Serve replaces it."""
     namespace = workers(settings, 1)[0].namespace
 
-    def proxy_pid() -> int | None:  # Serve's proxy (in the netns layout, not the relay in front of it)
-        return listener_pid(port, namespace=namespace.name if namespace else None, host=settings.serve_host)
+    def door_pid() -> tuple[str, int | None]:  # the listener behind the worker's door, on its loopback
+        door = (doors(settings, "worker-1") or [":0"])[0]
+        port = int(door.rsplit(":", 1)[1])
+        return door, listener_pid(port, namespace=namespace.name if namespace else None, host=settings.serve_host)
 
-    before = proxy_pid()
-    assert before is not None
+    door, before = door_pid()
+    assert before is not None, f"nothing listens behind the worker's door {door}"
     with Load(settings, auth_headers) as load:
         time.sleep(4)
         killed_at = time.monotonic()
         os.kill(before, signal.SIGKILL)
-        assert wait_until(lambda: proxy_pid() not in (None, before), 60, interval_s=0.2)
+        assert wait_until(lambda: door_pid()[1] not in (None, before), 60, interval_s=0.2), layout(settings)
         replaced = time.monotonic() - killed_at
+        assert wait_until(lambda: door_pid()[0] in nginx_servers(settings), 30, interval_s=0.2), layout(settings)
+        in_nginx = time.monotonic() - killed_at
         time.sleep(4)
     failed = [o for o in load.outcomes if o.status != 200]
     in_flight = [o for o in load.outcomes if o.started <= killed_at <= o.ended]
@@ -221,9 +230,10 @@ def test_losing_the_worker_nodes_proxy_under_load_costs_at_most_its_in_flight_re
         "requests": len(load.outcomes),
         "failed": len(failed),
         "in_flight_at_loss": len(in_flight),
-        "seconds_to_new_proxy": round(replaced, 1),
+        "seconds_to_new_door": round(replaced, 1),
+        "seconds_to_nginx_using_it": round(in_nginx, 1),
     }
-    _record(settings, "proxy_loss_two_nodes", figures)
+    _record(settings, "door_loss_two_nodes", figures)
     assert len(failed) <= len(in_flight), figures
     assert wait_until(lambda: serving_on_two_nodes(settings), 120, interval_s=0.5), layout(settings)
 
@@ -235,8 +245,6 @@ def test_losing_the_worker_node_under_load_costs_at_most_its_in_flight_requests(
         time.sleep(8)
         killed_at = time.monotonic()
         kill_node(node.process.pid)
-        if node.relay.pid is not None:  # the netns layout's relay to the node's proxy goes with the node
-            kill_node(node.relay.pid)
 
         def back_to_strength() -> bool:
             return on_the_head_alone(settings)

@@ -84,7 +84,7 @@ def test_the_netns_layout_puts_the_head_on_the_bridge_and_each_worker_at_an_addr
     assert node.namespace.address == "10.88.0.12"
     assert node.head_address == f"10.88.0.1:{settings.ray_gcs_port}"
     assert node.namespace.exec_argv(["ray", "start"]) == ["ip", "netns", "exec", "infer-node-2", "ray", "start"]
-    # NGINX reaches the head's proxy on loopback, a worker's at the worker's address (its relay).
+    # NGINX reaches the head's proxy on loopback, a worker's at the worker's address (its namespace forwards it).
     head = {"node_ip": "10.88.0.1", "resources_total": {"CPU": 2.0}}
     worker = {"node_ip": "10.88.0.12", "resources_total": {"infer_worker_2": 1.0}}
     assert proxy_address(settings, head) == f"127.0.0.1:{settings.serve_port}"
@@ -154,13 +154,20 @@ def test_the_cluster_is_settled_only_when_every_deployment_is_healthy(monkeypatc
     assert "unread" in said
 
 
-def test_direct_ingress_sends_nginx_to_each_gateway_replicas_own_port():
-    from cluster.nodes import ingress_upstreams
+def test_direct_ingress_sends_nginx_to_each_gateway_replicas_own_port(monkeypatch):
+    from cluster import nodes
+    from cluster.nodes import ingress_upstreams, live_upstreams
     from cluster.services import ray_env
 
-    settings = ClusterSettings(serve_direct_ingress=True, ray_node_ip="10.77.0.1")
-    assert ray_env(settings)["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
-    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in ray_env(ClusterSettings())
+    settings = ClusterSettings(ray_node_ip="10.77.0.1")
+    assert settings.serve_direct_ingress, "direct ingress is the default"
+    env = ray_env(settings)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
+        "30000",
+        "31000",
+    )
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in ray_env(ClusterSettings(serve_direct_ingress=False))
 
     def group(*targets, app="inference", protocol="HTTP"):
         return {"app_name": app, "protocol": protocol, "route_prefix": "/", "targets": list(targets)}
@@ -171,14 +178,44 @@ def test_direct_ingress_sends_nginx_to_each_gateway_replicas_own_port():
     # The shape Ray 2.60's dashboard serves at /api/serve/applications/ (target_groups).
     details = {
         "target_groups": [
-            group(replica("10.77.0.1", 30001), replica("10.77.0.2", 30000)),
+            group(replica("10.77.0.1", 30001), replica("10.77.0.11", 30000)),
             group(replica("10.77.0.1", 40000), protocol="gRPC"),
             group(replica("10.77.0.1", 30009), app="another"),
-        ]
+        ],
+        "proxies": {"head-id": {"status": "HEALTHY"}},
     }
     # This machine's node is reached at Serve's host (the replica binds it), another node at its address.
-    assert ingress_upstreams(settings, details) == ["10.77.0.2:30000", "127.0.0.1:30001"]
+    assert ingress_upstreams(settings, details) == ["10.77.0.11:30000", "127.0.0.1:30001"]
     # No replica running: Ray names the head's proxy instead, and the proxies are used.
     proxy = {"ip": "10.77.0.1", "port": 8000, "instance_id": "", "name": "SERVE_PROXY_ACTOR-abc"}
     assert ingress_upstreams(settings, {"target_groups": [group(proxy)]}) is None
     assert ingress_upstreams(settings, {}) is None
+
+    # NGINX's list: the replicas' ports first, the head's proxy as their backup; the proxy alone without them.
+    head = {"node_id": "head-id", "node_ip": "10.77.0.1", "resources_total": {"CPU": 2.0}}
+    monkeypatch.setattr(nodes, "serve_details", lambda _settings: details)
+    assert live_upstreams(settings, [head]) == ["10.77.0.11:30000", "127.0.0.1:30001", "127.0.0.1:8000 backup"]
+    monkeypatch.setattr(nodes, "serve_details", lambda _settings: {"proxies": details["proxies"]})
+    assert live_upstreams(settings, [head]) == ["127.0.0.1:8000"]
+    monkeypatch.setattr(nodes, "serve_details", lambda _settings: details)
+    assert live_upstreams(settings.model_copy(update={"serve_direct_ingress": False}), [head]) == ["127.0.0.1:8000"]
+
+
+def test_a_node_namespace_forwards_the_proxy_port_and_the_replicas_ports_to_its_loopback(monkeypatch):
+    from cluster import netns
+
+    calls = []
+
+    def run(argv, **kwargs):
+        calls.append((argv, kwargs.get("input")))
+        return type("Done", (), {"returncode": 0, "stderr": "", "stdout": ""})()
+
+    monkeypatch.setattr(netns.subprocess, "run", run)
+    namespace = RayWorker("ray-worker-1", ClusterSettings(node_network="netns"), index=1).namespace
+    namespace.forward_to_loopback([8101, (30000, 31000)])
+    (sysctl, _), (nft, rules) = calls
+    assert sysctl[:4] == ["ip", "netns", "exec", "infer-node-1"]
+    assert "echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet" in sysctl[-1]
+    assert nft[:4] == ["ip", "netns", "exec", "infer-node-1"]
+    assert nft[-2:] == ["-f", "-"]
+    assert 'iifname "eth0" ip daddr 10.77.0.11 tcp dport { 8101, 30000-31000 } dnat to 127.0.0.1' in rules
