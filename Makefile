@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := redis-server rabbitmq-server nginx libcurl4 libssl3 python3-venv iproute2 nftables
+APT_PACKAGES := redis-server rabbitmq-server nginx prometheus libcurl4 libssl3 python3-venv iproute2 nftables
 
 .PHONY: help install up down status deploy test test-unit lint clean loadtest bench ceiling
 

@@ -291,11 +291,17 @@ def banner(settings: ClusterSettings) -> str:
     if settings.https_url:
         ca = f" --cacert {settings.tls_ca_file}" if settings.tls_cert_file is None else ""
         https = f"\n  HTTPS          {settings.https_url}   (curl{ca})"
+    door = (
+        f"the gateway replicas' own ports; Serve proxy {settings.serve_url} the backup"
+        if settings.serve_direct_ingress
+        else f"Serve proxy {settings.serve_url}"
+    )
     return f"""
 The cluster is up.
-  API            {settings.public_url}   (NGINX -> Serve proxy {settings.serve_url}){https}
+  API            {settings.public_url}   (NGINX -> {door}){https}
   API docs       {settings.public_url}/docs
   Ray dashboard  {settings.dashboard_url}   (loopback only; it asks for Ray's token, below)
+  Prometheus     {settings.prometheus_url}   (loopback only; Ray's, Serve's, this project's and RabbitMQ's metrics)
   API key        {settings.dev_key_file}   (user {settings.dev_owner}; scopes infer, jobs, admin)
   Ray token      {ray_token_file(settings)}   (ray/serve CLI: see below)
   Store secrets  {settings.secrets_dir}/   (0600; read by the cluster's settings)
@@ -330,6 +336,58 @@ def _say_nodes(settings: ClusterSettings) -> None:
         _say(f"    {row['node']:<9} {row['node_id']}  proxy {proxy:<24} NGINX -> {doors:<19} {replicas}")
 
 
+def deployments(settings: ClusterSettings) -> list[dict]:
+    """Each deployment of the app: its status, the replicas it aims for (or its autoscaling bounds), and
+    how many replicas are in each state."""
+    app = (serve_details(settings).get("applications") or {}).get(settings.serve_app_name) or {}
+    rows = []
+    for name, deployment in (app.get("deployments") or {}).items():
+        config = deployment.get("deployment_config") or {}
+        scaling = config.get("autoscaling_config")
+        states: dict[str, int] = {}
+        for replica in deployment.get("replicas") or []:
+            states[replica.get("state", "?")] = states.get(replica.get("state", "?"), 0) + 1
+        rows.append(
+            {
+                "name": name,
+                "status": deployment.get("status"),
+                "target": deployment.get("target_num_replicas"),
+                "bounds": f"{scaling['min_replicas']}-{scaling['max_replicas']}" if scaling else None,
+                "replicas": states,
+            }
+        )
+    return rows
+
+
+def _say_detail(settings: ClusterSettings) -> None:
+    """Deployments and their replicas, the job queues, and where to look (URLs, logs)."""
+    from serve_app.infra.rabbitmq import queue_depths
+
+    try:
+        rows = deployments(settings)
+        _say(f"  deployments ({settings.serve_app_name}):")
+        for row in rows:
+            target = f"target {row['target']}" + (f" (autoscaling {row['bounds']})" if row["bounds"] else "")
+            states = ", ".join(f"{n} {state}" for state, n in sorted(row["replicas"].items())) or "no replicas"
+            _say(f"    {row['name']:<15} {row['status'] or '?':<12} {target:<27} {states}")
+    except (OSError, ValueError):
+        _say("  deployments: Serve does not answer")
+    try:
+        _say("  job queues:")
+        for queue, (ready, consumers) in queue_depths(settings).items():
+            _say(f"    {queue:<15} {ready} ready, {consumers} consumers")
+    except Exception as exc:  # pika's errors and OSError alike: status reports, it does not fail
+        _say(f"    unread: {type(exc).__name__}: {exc}")
+    ray_logs = Ray("ray", settings).temp_dir / "session_latest" / "logs"
+    _say("  where to look:")
+    _say(f"    API            {settings.public_url}   (docs: {settings.public_url}/docs)")
+    _say(f"    Ray dashboard  {settings.dashboard_url}")
+    _say(f"    Prometheus     {settings.prometheus_url}")
+    _say(f"    service logs   {settings.state_dir / 'logs'}/<service>.log")
+    _say(f"    NGINX          {settings.state_dir / 'nginx' / 'logs'}/access.log (JSON, with request_id)")
+    _say(f"    Serve          {ray_logs / 'serve'}/ (controller, proxy, replica_<app>_<deployment>_*.log)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = argv or sys.argv[1:] or ["status"]
     command = argv[0]
@@ -356,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, component in detail.get("components", {}).items():
                     _say(f"       {name:<24} {component['status']:<5} {component.get('detail') or ''}")
             _say_nodes(settings)
+            _say_detail(settings)
             return 0 if all(r["answers"] for r in rows) else 1
         elif command == "nodes":
             _say_nodes(settings)

@@ -64,6 +64,8 @@ def ray_env(settings: ClusterSettings) -> dict[str, str]:
             str(low),
             str(high),
         )
+    # The dashboard's metrics views query this Prometheus (make up starts it, cluster/monitoring/).
+    env.setdefault("RAY_PROMETHEUS_HOST", settings.prometheus_url)
     env["INFER_STATE_DIR"] = str(settings.state_dir)
     return env
 
@@ -364,7 +366,8 @@ class RabbitMQ(Service):
         if not port_open("127.0.0.1", port):
             self.epmd.start([_require("epmd"), "-address", "127.0.0.1", "-port", str(port)])
             wait_until(lambda: port_open("127.0.0.1", port), 10)
-        (self.data_dir / "enabled_plugins").write_text("[].\n")
+        # rabbitmq_prometheus: the broker's metrics for Prometheus, on loopback (rabbitmq.conf below).
+        (self.data_dir / "enabled_plugins").write_text("[rabbitmq_prometheus].\n")
         # Our user and vhost instead of guest: RabbitMQ makes them when its database is new.
         if (credentials := self.settings.rabbitmq_credentials()) is None:
             raise ServiceError("no RabbitMQ password: INFER_RABBITMQ_PASSWORD or the secrets dir must give one")
@@ -383,6 +386,8 @@ class RabbitMQ(Service):
                 f"default_vhost = {vhost}\ndefault_user = {user}\ndefault_pass = {password}\n"
                 "default_permissions.configure = .*\ndefault_permissions.read = .*\n"
                 "default_permissions.write = .*\n"
+                f"prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {self.settings.rabbitmq_prometheus_port}\n"
+                "prometheus.return_per_object_metrics = true\n"
             ).encode(),
         )
         self.process.start(["/usr/lib/rabbitmq/bin/rabbitmq-server"], env=self._env(), cwd=self.data_dir)
@@ -546,6 +551,71 @@ class Nginx(Service):
         return self.process.stop(timeout_s=10)
 
 
+class Prometheus(Service):
+    """Prometheus on loopback with a config rendered from cluster/monitoring/: Ray's metrics (ours among them)
+    through the service-discovery file Ray keeps, RabbitMQ's plugin, the alert rules; data under the state
+    dir. The Ray dashboard is started pointing at it (RAY_PROMETHEUS_HOST, ray_env), so its charts fill."""
+
+    start_timeout_s = 60.0
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.prometheus_host}:{self.settings.prometheus_port}"
+
+    @property
+    def config_path(self) -> Path:
+        path = self.settings.state_dir / "prometheus"
+        path.mkdir(parents=True, exist_ok=True)
+        return path / "prometheus.yml"
+
+    @property
+    def rules_path(self) -> Path:
+        return REPO_ROOT / "cluster" / "monitoring" / "alerts.yml"
+
+    def answers(self) -> bool:
+        return http_ok(f"{self.settings.prometheus_url}/-/ready")
+
+    def render(self) -> str:
+        template = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(REPO_ROOT / "cluster" / "monitoring"),
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=True,
+        ).get_template("prometheus.yml.j2")
+        return template.render(
+            interval_s=self.settings.prometheus_scrape_interval_s,
+            rules=self.rules_path,
+            ray_service_discovery=Ray("ray", self.settings).temp_dir / "prom_metrics_service_discovery.json",
+            rabbitmq=f"127.0.0.1:{self.settings.rabbitmq_prometheus_port}",
+            prometheus=self.address,
+        )
+
+    def launch(self) -> None:
+        self.config_path.write_text(self.render())
+        self.process.start(
+            [
+                _require("prometheus"),
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.data_dir}",
+                f"--storage.tsdb.retention.time={self.settings.prometheus_retention}",
+                f"--web.listen-address={self.address}",
+                "--web.enable-lifecycle",  # POST /-/reload re-reads the config (loopback only)
+            ],
+            cwd=self.data_dir,
+        )
+
+    def ensure(self) -> str:
+        """Started, or its config brought up to date and reloaded."""
+        if self.process.running and self.answers():
+            rendered = self.render()
+            if self.config_path.read_text() != rendered:
+                self.config_path.write_text(rendered)
+                request = urllib.request.Request(f"{self.settings.prometheus_url}/-/reload", method="POST")
+                urllib.request.urlopen(request, timeout=10).close()
+                return "reloaded"
+            return "running"
+        return super().ensure()
+
+
 def _require(program: str) -> str:
     for candidate in (shutil.which(program), f"/usr/sbin/{program}", f"/usr/bin/{program}"):
         if candidate and os.access(candidate, os.X_OK):
@@ -562,6 +632,7 @@ def all_services(settings: ClusterSettings) -> list[Service]:
         RabbitMQ("rabbitmq", settings),
         Ray("ray", settings),
         Nginx("nginx", settings),
+        Prometheus("prometheus", settings),
     ]
 
 

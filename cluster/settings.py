@@ -62,6 +62,15 @@ class ClusterSettings(Settings):
     ray_autoscaler_metrics_port: int = Field(44217, description="The autoscaler monitor's Prometheus metrics.")
     ray_object_store_bytes: int = 512 * 1024 * 1024
 
+    # Prometheus (`make up` starts it on loopback): Ray's metrics (ours among them) and RabbitMQ's.
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int = 9090
+    prometheus_scrape_interval_s: int = Field(10, ge=1, description="How often Prometheus scrapes every target.")
+    prometheus_retention: str = Field(
+        "15d", description="How long Prometheus keeps samples (--storage.tsdb.retention.time)."
+    )
+    rabbitmq_prometheus_port: int = Field(15692, description="RabbitMQ's rabbitmq_prometheus endpoint (loopback).")
+
     # Worker nodes on this machine (`make up WORKERS=N`); None: as many as are running now.
     workers: int | None = Field(None, ge=0, le=9, description="Ray worker nodes next to the head (ports allow 9).")
     worker_num_cpus: int = Field(1, ge=1, description="CPUs each worker node offers to Ray.")
@@ -204,6 +213,10 @@ class ClusterSettings(Settings):
         return f"http://{self.serve_host}:{self.serve_port}"
 
     @computed_field  # type: ignore[prop-decorator]
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{self.prometheus_host}:{self.prometheus_port}"
+
     @property
     def dashboard_url(self) -> str:
         return f"http://{self.ray_dashboard_host}:{self.ray_dashboard_port}"

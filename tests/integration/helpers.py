@@ -35,12 +35,11 @@ def job_diagnosis(settings, job_id: str) -> str:
     import json
     from pathlib import Path
 
-    import pika
     from pymongo import MongoClient
 
     from cluster.nodes import serve_details
     from cluster.services import Ray
-    from serve_app.infra.rabbitmq import connection_parameters
+    from serve_app.infra.rabbitmq import queue_depths
 
     parts = []
     try:
@@ -52,12 +51,8 @@ def job_diagnosis(settings, job_id: str) -> str:
     except Exception as exc:  # a diagnosis never hides the failure it explains
         parts.append(f"job: unread ({exc!r})")
     try:
-        connection = pika.BlockingConnection(connection_parameters(settings))
-        channel = connection.channel()
-        for queue in (settings.job_queue, settings.job_retry_queue, settings.job_dead_letter_queue):
-            declared = channel.queue_declare(queue, passive=True).method
-            parts.append(f"queue {queue}: {declared.message_count} ready, {declared.consumer_count} consumers")
-        connection.close()
+        for queue, (ready, consumers) in queue_depths(settings).items():
+            parts.append(f"queue {queue}: {ready} ready, {consumers} consumers")
     except Exception as exc:
         parts.append(f"queues: unread ({exc!r})")
     try:

@@ -219,3 +219,39 @@ def test_a_node_namespace_forwards_the_proxy_port_and_the_replicas_ports_to_its_
     assert nft[:4] == ["ip", "netns", "exec", "infer-node-1"]
     assert nft[-2:] == ["-f", "-"]
     assert 'iifname "eth0" ip daddr 10.77.0.11 tcp dport { 8101, 30000-31000 } dnat to 127.0.0.1' in rules
+
+
+def test_status_lists_each_deployment_with_its_target_bounds_and_replica_states(monkeypatch):
+    from cluster import local
+
+    details = {
+        "applications": {
+            "inference": {
+                "deployments": {
+                    "EmbeddingModel": {
+                        "status": "UPSCALING",
+                        "target_num_replicas": 2,
+                        "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
+                        "replicas": [{"state": "RUNNING"}, {"state": "STARTING"}],
+                    },
+                    "Gateway": {
+                        "status": "HEALTHY",
+                        "target_num_replicas": 1,
+                        "deployment_config": {"num_replicas": 1},
+                        "replicas": [{"state": "RUNNING"}],
+                    },
+                }
+            }
+        }
+    }
+    monkeypatch.setattr(local, "serve_details", lambda _settings: details)
+    assert local.deployments(ClusterSettings()) == [
+        {
+            "name": "EmbeddingModel",
+            "status": "UPSCALING",
+            "target": 2,
+            "bounds": "1-2",
+            "replicas": {"RUNNING": 1, "STARTING": 1},
+        },
+        {"name": "Gateway", "status": "HEALTHY", "target": 1, "bounds": None, "replicas": {"RUNNING": 1}},
+    ]
