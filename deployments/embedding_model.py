@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve import metrics
 
 from deployments.batcher import BatchFormed, Lane, PriorityBatcher
+from serve_app import events
 from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch, joined, run_batch
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
@@ -103,6 +104,7 @@ class EmbeddingModel:
 
     def __init__(self, model_name: str) -> None:
         self.settings = get_settings()
+        events.install(self.settings, "EmbeddingModel")
         self.model_name = model_name
         self.repository = ModelRepository.from_settings(self.settings)
         self.config = ModelConfig()
@@ -160,7 +162,13 @@ class EmbeddingModel:
         self.config = config
         if needs_load:
             self.loaded = loaded
-            logger.info("serving %s version %s from %s", self.model_name, config.version, loaded.source)
+            logger.info(
+                "serving %s version %s from %s",
+                self.model_name,
+                config.version,
+                loaded.source,
+                extra={**events.EVENT, "model": f"{self.model_name}:{config.version}"},
+            )
 
     def _load(self, config: ModelConfig) -> LoadedModel:
         from deployments.engines import build_engine

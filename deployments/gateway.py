@@ -6,12 +6,17 @@ its clients exist, so this module needs no FastAPI import of its own.
 
 from __future__ import annotations
 
+import logging
+
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import events
 from serve_app.http.api import create_app
 from serve_app.http.container import Services
 from serve_app.settings import get_settings
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
@@ -25,7 +30,10 @@ class Gateway:
         job_worker: DeploymentHandle | None = None,
         pool: DeploymentHandle | None = None,
     ) -> None:
-        self.services = Services.from_settings(get_settings(), models, job_worker, pool)
+        settings = get_settings()
+        events.install(settings, "gateway")
+        self.services = Services.from_settings(settings, models, job_worker, pool)
+        logger.info("gateway replica started (models: %s)", ", ".join(sorted(models)), extra=events.EVENT)
 
     def __serve_build_asgi_app__(self):  # the FastAPI app; Serve calls this once per replica
         return create_app(self.services)

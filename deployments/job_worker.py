@@ -12,6 +12,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import events
 from serve_app.jobs.runner import Settlement
 from serve_app.jobs.worker import JobWorkerRuntime
 from serve_app.settings import get_settings
@@ -24,7 +25,9 @@ from serve_app.settings import get_settings
 )
 class JobWorker:
     async def __init__(self, models: dict[str, DeploymentHandle], pool: DeploymentHandle | None = None) -> None:
-        self.runtime = JobWorkerRuntime(get_settings(), models, pool)
+        settings = get_settings()
+        events.install(settings, "JobWorker")
+        self.runtime = JobWorkerRuntime(settings, models, pool)
         context = serve.get_replica_context()
         own = serve.get_deployment_handle(context.deployment, context.app_name).options(method_name="run_job")
         await self.runtime.start(lambda job_id: own.remote(job_id))

@@ -35,6 +35,7 @@ from ray import serve
 from ray.serve import metrics
 
 from deployments.batcher import LANES, Lane, PriorityBatcher
+from serve_app import events
 from serve_app.embeddings.contract import (
     LOADED_KEY,
     EmbeddingBatch,
@@ -159,6 +160,7 @@ class ModelPool:
         import deployments.encoder  # noqa: F401  torch and transformers now, not in a request's first load
 
         self.settings = get_settings()
+        events.install(self.settings, "ModelPool")
         self.repository = ModelRepository.from_settings(self.settings)
         self.device = device
         self.redis = GuardedRedis.from_settings(self.settings)
@@ -175,7 +177,13 @@ class ModelPool:
             check_name("version", version)
             started = time.perf_counter()
             model = await asyncio.to_thread(load_pool_model, self.repository, self.settings, name, version, self.device)
-            logger.info("pool loaded %s (%s) in %.1fs", model_id, model.manifest.task, time.perf_counter() - started)
+            logger.info(
+                "pool loaded %s (%s) in %.1fs",
+                model_id,
+                model.manifest.task,
+                time.perf_counter() - started,
+                extra={**events.EVENT, "model": model_id},
+            )
             return model
 
         self._loads: StagedLoads[PoolModel] = StagedLoads(load)

@@ -123,6 +123,22 @@ class HistoryWriter:
         page = docs[:limit]
         return page, str(page[-1]["_id"]) if len(docs) > limit else None
 
+    async def stats(self, since: datetime, owner: str | None = None) -> dict:
+        """Numbers over the records since `since` (one tenant's when `owner` is given), by one MongoDB
+        aggregation: for all of them, per model and per route: requests, texts, cache hits among the
+        texts of requests that read the cache, 4xx and 5xx counts, p50 and p99 latency (nearest rank)."""
+        match: dict = {"ts": {"$gte": since}}
+        if owner is not None:
+            match["owner"] = owner
+        pipeline = [
+            {"$match": match},
+            {"$sort": {"latency_ms": ASCENDING}},
+            {"$facet": {"overall": _summary(None), "by_model": _summary("$model"), "by_route": _summary("$endpoint")}},
+        ]
+        cursor = await self.collection.aggregate(pipeline, allowDiskUse=True)
+        (facets,) = await cursor.to_list(1)
+        return facets
+
     async def flush(self) -> bool:
         """Write up to one batch; False if MongoDB was unreachable (the batch is kept for later)."""
         batch = [self.buffer.popleft() for _ in range(min(self.batch_size, len(self.buffer)))]
@@ -177,3 +193,35 @@ class HistoryWriter:
                 self._healthy = False
                 backoff = min(backoff * 2, 30.0)
                 logger.debug("history writer backing off %.1fs: %r", backoff, exc)
+
+
+def _rank(quantile: float) -> dict:
+    """The nearest-rank quantile of the group's sorted `latencies`: element ceil(q * n) - 1."""
+    index = {"$subtract": [{"$ceil": {"$multiply": [quantile, {"$size": "$latencies"}]}}, 1]}
+    return {"$arrayElemAt": ["$latencies", {"$toInt": {"$max": [index, 0]}}]}
+
+
+def _summary(key: str | None) -> list[dict]:
+    """One $facet branch: the records (sorted by latency) grouped by `key` (None: all together)."""
+
+    def count_if(condition: dict) -> dict:
+        return {"$sum": {"$cond": [condition, 1, 0]}}
+
+    reads_cache = {"$ne": [{"$type": "$cache_hits"}, "missing"]}
+    return [
+        {
+            "$group": {
+                "_id": key,
+                "requests": {"$sum": 1},
+                "texts": {"$sum": {"$ifNull": ["$items", 0]}},
+                "cache_hits": {"$sum": {"$ifNull": ["$cache_hits", 0]}},
+                "cache_reads": {"$sum": {"$cond": [reads_cache, {"$ifNull": ["$items", 0]}, 0]}},
+                "client_errors": count_if({"$and": [{"$gte": ["$status", 400]}, {"$lt": ["$status", 500]}]}),
+                "server_errors": count_if({"$gte": ["$status", 500]}),
+                "latencies": {"$push": "$latency_ms"},
+            }
+        },
+        {"$set": {"p50_ms": _rank(0.50), "p99_ms": _rank(0.99)}},
+        {"$unset": "latencies"},
+        {"$sort": {"requests": DESCENDING, "_id": ASCENDING}},
+    ]

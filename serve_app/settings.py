@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     history_flush_interval_s: float = 0.5
     history_batch_size: int = 500
     history_buffer_size: int = 50_000
+    system_log_enabled: bool = Field(
+        True, description="Copy system events to MongoDB's system_logs (serve_app/events.py)."
+    )
+    system_log_ttl_days: int = Field(14, ge=1, description="How long system_logs keeps an event.")
     rabbitmq_url: str = Field("amqp://127.0.0.1:5672/infer", description="Host, port and vhost (the path).")
     rabbitmq_heartbeat_s: int = Field(
         15,

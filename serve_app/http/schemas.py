@@ -523,6 +523,56 @@ class HistoryList(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null at the end.")
 
 
+class SystemLogEntry(BaseModel):
+    """A system event from any replica (serve_app/events.py)."""
+
+    id: str
+    ts: str
+    level: Literal["debug", "info", "warning", "error", "critical"]
+    component: str = Field(description="gateway, EmbeddingModel, ModelPool or JobWorker.")
+    message: str
+    logger: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    request_id: str | None = None
+    job_id: str | None = None
+    model: str | None = None
+    dependency: str | None = None
+    error: str | None = None
+
+
+class SystemLogList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SystemLogEntry]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null at the end.")
+
+
+class StatsRow(BaseModel):
+    """Numbers over a window's request records (POSTs to the API: embeddings, rerank, jobs, v2 infer)."""
+
+    key: str | None = Field(None, description="The model or route; absent for the whole window.")
+    requests: int
+    texts: int = Field(description="Texts (or documents) the requests carried.")
+    cache_hit_ratio: float | None = Field(
+        description="Texts answered from the cache over texts of requests that read it; null if none did."
+    )
+    error_ratio: float = Field(description="Requests answered 5xx over all requests.")
+    client_error_ratio: float = Field(description="Requests answered 4xx over all requests.")
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+class StatsWindow(BaseModel):
+    object: Literal["stats"] = "stats"
+    window: str
+    since: str
+    until: str
+    owner: str | None = None
+    overall: StatsRow
+    by_model: list[StatsRow]
+    by_route: list[StatsRow]
+
+
 # -- the Open Inference Protocol (KServe v2, Triton HTTP) ----------------------------------------
 
 

@@ -15,9 +15,11 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from serve_app.events import EVENT
 from serve_app.settings import Settings
 
 logger = logging.getLogger(__name__)
+DEPENDENCY = {"dependency": "redis"}
 
 T = TypeVar("T")
 UNAVAILABLE = object()  # a default for GuardedRedis.run that tells "Redis is down" from any answer
@@ -30,6 +32,7 @@ class GuardedRedis:
         self.redis = redis
         self.retry_after_s = retry_after_s
         self._skip_until = 0.0
+        self._down = False  # an outage was logged; its end is logged once Redis answers again
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GuardedRedis:
@@ -50,15 +53,25 @@ class GuardedRedis:
         if not self.available:
             return default
         try:
-            return await call(self.redis)
+            answer = await call(self.redis)
         except ResponseError as exc:  # Redis answered: a refused command, not an outage
             logger.error("Redis refused a command: %s", exc)
             return default
         except (RedisError, OSError) as exc:
-            if self.available:
-                logger.warning("Redis unavailable; going without it for %.1fs: %s", self.retry_after_s, exc)
+            if self.available and not self._down:
+                logger.warning(
+                    "Redis unavailable; going without it for %.1fs: %s", self.retry_after_s, exc, extra=DEPENDENCY
+                )
+            self._down = True
             self._skip_until = time.monotonic() + self.retry_after_s
             return default
+        self._answered()
+        return answer
+
+    def _answered(self) -> None:
+        if self._down:
+            self._down = False
+            logger.info("Redis answers again", extra={**EVENT, **DEPENDENCY})
 
     async def ping(self) -> None:
         """Raise if Redis does not answer; a success re-enables it at once."""
@@ -68,6 +81,7 @@ class GuardedRedis:
             self._skip_until = time.monotonic() + self.retry_after_s
             raise
         self._skip_until = 0.0
+        self._answered()
 
     async def close(self) -> None:
         await self.redis.aclose()

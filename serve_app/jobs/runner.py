@@ -76,7 +76,7 @@ class JobRunner:
         try:
             job = await self.store.claim(job_id, self.worker, lease)
         except JobMissing:
-            logger.error("message for unknown job %s dead-lettered", job_id)
+            logger.error("message for unknown job %s dead-lettered", job_id, extra={"job_id": job_id})
             return Settlement(Disposition.DEAD)
         except JobEnded:
             return Settlement(Disposition.ACK)  # a redelivery of a job already ended
@@ -105,6 +105,7 @@ class JobRunner:
             await self.store.finish(
                 job_id, JobStatus.FAILED, lease_owner=lease, error={"type": "invalid_input", "message": str(exc)}
             )
+            logger.warning("job %s failed: invalid input: %s", job_id, exc, extra={"job_id": job_id})
             return Settlement(Disposition.ACK)
         except Exception as exc:  # anything else may pass: retry, within the bound
             return await self._retry_later(job, lease, exc)
@@ -113,7 +114,9 @@ class JobRunner:
 
     async def _retry_later(self, job: dict, lease: str, exc: Exception) -> Settlement:
         message = f"{type(exc).__name__}: {exc}"
-        logger.warning("job %s attempt %d failed: %s", job["_id"], job["attempts"], message)
+        logger.warning(
+            "job %s attempt %d failed: %s", job["_id"], job["attempts"], message, extra={"job_id": job["_id"]}
+        )
         await self.store.release(job["_id"], lease, message)
         if job["attempts"] >= self.settings.job_max_attempts:
             return await self._give_up({**job, "last_error": message})
@@ -123,6 +126,7 @@ class JobRunner:
         attempts = self.settings.job_max_attempts
         reason = f"gave up after {attempts} attempts; last error: {job.get('last_error') or 'the worker stopped'}"
         await self.store.finish(job["_id"], JobStatus.FAILED, error={"type": "attempts_exhausted", "message": reason})
+        logger.error("job %s failed and is dead-lettered: %s", job["_id"], reason, extra={"job_id": job["_id"]})
         return Settlement(Disposition.DEAD)
 
     async def _texts(self, job: dict) -> list[str]:

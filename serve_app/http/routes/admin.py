@@ -13,9 +13,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
+from bson import ObjectId
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
+from pymongo.errors import PyMongoError
 
+from serve_app import events
 from serve_app.auth.credentials import USER_NAME_PATTERN
 from serve_app.embeddings.catalog import pool_loaded, version_state
 from serve_app.errors import (
@@ -37,6 +40,10 @@ from serve_app.http.schemas import (
     RepositoryModel,
     RepositoryModelList,
     RotatedKey,
+    StatsRow,
+    StatsWindow,
+    SystemLogEntry,
+    SystemLogList,
     User,
     UserCreate,
     UserList,
@@ -61,6 +68,87 @@ router = APIRouter(
 UserName = Annotated[str, PathParam(pattern=USER_NAME_PATTERN)]
 KeyId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{16}$")]
 ModelName = Annotated[str, PathParam(pattern=NAME_PATTERN.pattern)]
+
+
+WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+Window = Annotated[
+    str,
+    Query(
+        pattern=r"^[1-9][0-9]{0,5}[smhd]$",
+        description="How far back: a number and a unit (s, m, h, d), e.g. 15m, 1h, 7d; at most the history's TTL.",
+    ),
+]
+
+
+@router.get("/stats", response_model=StatsWindow, responses={400: {"model": ErrorResponse}})
+async def stats(
+    services: ServicesDep,
+    window: Window = "1h",
+    owner: Annotated[str | None, Query(pattern=USER_NAME_PATTERN, description="One tenant's requests only.")] = None,
+) -> StatsWindow:
+    """Requests, texts, cache hit ratio, error ratios and p50/p99 latency over the window, for the whole API,
+    per model and per route: one MongoDB aggregation over the request history (POSTs to the API)."""
+    span = timedelta(seconds=int(window[:-1]) * WINDOW_UNITS[window[-1]])
+    ttl = timedelta(days=services.settings.history_ttl_days)
+    if span > ttl:
+        raise InvalidRequestError(f"window {window} is longer than the history kept ({ttl.days}d)", param="window")
+    until = datetime.now(UTC)
+    facets = await services.history.stats(until - span, owner)
+
+    def row(doc: dict | None, keyed: bool = True) -> StatsRow:
+        doc = doc or {"requests": 0, "texts": 0, "cache_hits": 0, "cache_reads": 0}
+        requests = doc["requests"]
+        return StatsRow(
+            key=doc.get("_id") if keyed else None,
+            requests=requests,
+            texts=doc["texts"],
+            cache_hit_ratio=round(doc["cache_hits"] / doc["cache_reads"], 4) if doc["cache_reads"] else None,
+            error_ratio=round(doc.get("server_errors", 0) / requests, 4) if requests else 0.0,
+            client_error_ratio=round(doc.get("client_errors", 0) / requests, 4) if requests else 0.0,
+            p50_ms=doc.get("p50_ms"),
+            p99_ms=doc.get("p99_ms"),
+        )
+
+    return StatsWindow(
+        window=window,
+        since=(until - span).isoformat(),
+        until=until.isoformat(),
+        owner=owner,
+        overall=row(facets["overall"][0] if facets["overall"] else None, keyed=False),
+        by_model=[row(doc) for doc in facets["by_model"]],
+        by_route=[row(doc) for doc in facets["by_route"]],
+    )
+
+
+@router.get("/logs", response_model=SystemLogList)
+async def system_logs(
+    services: ServicesDep,
+    since: Annotated[datetime | None, Query(description="ISO 8601; events at or after it.")] = None,
+    level: Annotated[Literal["debug", "info", "warning", "error"] | None, Query(description="This or worse.")] = None,
+    component: Annotated[str | None, Query(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9a-f]{24}$")] = None,
+) -> SystemLogList:
+    """System events from every replica (start-ups, model loads and version switches, dependency outages and
+    returns, job failures), newest first, a page at a time; kept INFER_SYSTEM_LOG_TTL_DAYS."""
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    match = events.log_filter(since=since, level=level, component=component)
+    if cursor is not None:
+        match["_id"] = {"$lt": ObjectId(cursor)}
+    collection = services.clients.db["system_logs"]
+    try:
+        docs = await collection.find(match).sort("_id", -1).limit(limit + 1).to_list(limit + 1)
+    except PyMongoError as exc:
+        raise ServiceUnavailableError("the system log cannot be read: MongoDB does not answer") from exc
+    page = docs[:limit]
+    next_cursor = str(page[-1]["_id"]) if len(docs) > limit else None
+    fields = set(SystemLogEntry.model_fields) - {"id", "ts"}
+    entries = [
+        SystemLogEntry(id=str(d["_id"]), ts=d["ts"].isoformat(), **{k: v for k, v in d.items() if k in fields})
+        for d in page
+    ]
+    return SystemLogList(data=entries, next_cursor=next_cursor)
 
 
 @router.post("/users", response_model=User, status_code=201, responses={400: {"model": ErrorResponse}})

@@ -1,0 +1,46 @@
+"""Which log lines are system events, the admin filter, and a full queue that drops instead of blocking."""
+
+import logging
+import queue
+
+from serve_app import events
+from serve_app.settings import REPO_ROOT, Settings
+
+
+def record(level: int, path: str, **extra) -> logging.LogRecord:
+    made = logging.LogRecord("ray.serve", level, path, 1, "a message %s", ("x",), None)
+    made.__dict__.update(extra)
+    return made
+
+
+def test_only_our_codes_warnings_and_marked_info_lines_are_events():
+    ours = str(REPO_ROOT / "serve_app" / "jobs" / "runner.py")
+    theirs = "/usr/lib/python3/site-packages/ray/serve/_private/replica.py"
+    assert events.is_event(record(logging.WARNING, ours))
+    assert events.is_event(record(logging.ERROR, str(REPO_ROOT / "deployments" / "model_pool.py")))
+    assert events.is_event(record(logging.INFO, ours, **events.EVENT))
+    assert not events.is_event(record(logging.INFO, ours))
+    assert not events.is_event(record(logging.ERROR, theirs))  # Ray's own lines stay in Ray's logs
+
+
+def test_the_level_filter_means_this_level_or_worse():
+    assert events.log_filter(since=None, level="warning", component="JobWorker") == {
+        "level": {"$in": ["warning", "error"]},
+        "component": "JobWorker",
+    }
+    assert events.log_filter(since=None, level=None, component=None) == {}
+
+
+def test_a_full_queue_drops_and_counts_instead_of_blocking():
+    sink = events.MongoEventHandler(Settings(), "gateway")
+    handler = events._DroppingQueueHandler(queue.Queue(1), sink)
+    handler.enqueue(record(logging.WARNING, "x"))
+    handler.enqueue(record(logging.WARNING, "x"))  # the queue is full: dropped at once
+    assert sink.dropped == 1
+
+
+def test_an_unreachable_mongodb_drops_the_record_and_counts_it():
+    sink = events.MongoEventHandler(Settings(mongo_url="mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=100"), "x")
+    sink.emit(record(logging.WARNING, str(REPO_ROOT / "serve_app" / "x.py"), job_id="j1"))
+    assert sink.dropped == 1
+    sink.close()
