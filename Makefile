@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	  if echo " $$missing " | grep -q " prometheus " && [ -d /run/systemd/system ]; then \
+	    echo "stopping the prometheus service Debian's package just started (on every address; make up runs its own)"; \
+	    $$SUDO systemctl disable --now prometheus; \
+	  fi; \
 	fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

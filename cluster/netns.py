@@ -169,7 +169,9 @@ class NodeNamespace:
         node): the node's proxy and its gateway replicas' own ports, reached by NGINX over the bridge.
 
         A DNAT rule in the namespace does it, as a relay would without a process of its own; the kernel
-        routes to loopback from eth0 only with `route_localnet` set on it. Made or replaced at once."""
+        routes to loopback from eth0 only with `route_localnet` set on it, and an input rule then drops
+        anything else from eth0 addressed to loopback, so the rest of the node's loopback-only listeners
+        stay unreachable from the node network. Made or replaced at once."""
         listed = ", ".join(str(p) if isinstance(p, int) else f"{p[0]}-{p[1]}" for p in ports)
         sysctl = "/proc/sys/net/ipv4/conf/eth0/route_localnet"
         run = subprocess.run(
@@ -184,6 +186,11 @@ table ip {FORWARD_TABLE} {{
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         iifname "eth0" ip daddr {self.address} tcp dport {{ {listed} }} dnat to 127.0.0.1
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "eth0" ip daddr 127.0.0.0/8 ct status dnat accept
+        iifname "eth0" ip daddr 127.0.0.0/8 drop
     }}
 }}
 """

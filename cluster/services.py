@@ -604,7 +604,13 @@ class Prometheus(Service):
         )
 
     def ensure(self) -> str:
-        """Started, or its config brought up to date and reloaded."""
+        """Started, or its config brought up to date and reloaded. Another Prometheus on the port (Debian's
+        service, say, which listens on every address) is refused, not used: ours alone has this config."""
+        if not self.process.running and self.answers():
+            raise ServiceError(
+                f"something else already answers as Prometheus at {self.address} (Debian's prometheus service? "
+                "`systemctl disable --now prometheus`); stop it, or give ours another INFER_PROMETHEUS_PORT"
+            )
         if self.process.running and self.answers():
             rendered = self.render()
             if self.config_path.read_text() != rendered:

@@ -63,7 +63,7 @@ class ClusterSettings(Settings):
     ray_object_store_bytes: int = 512 * 1024 * 1024
 
     # Prometheus (`make up` starts it on loopback): Ray's metrics (ours among them) and RabbitMQ's.
-    prometheus_host: str = "127.0.0.1"
+    prometheus_host: str = Field("127.0.0.1", description="Loopback only: Prometheus asks for no credential.")
     prometheus_port: int = 9090
     prometheus_scrape_interval_s: int = Field(10, ge=1, description="How often Prometheus scrapes every target.")
     prometheus_retention: str = Field(
@@ -104,6 +104,18 @@ class ClusterSettings(Settings):
         """INFER_NGINX_TLS_PORT=off (or none, null) turns TLS off, as the README says; empty is an error."""
         if isinstance(value, str) and value.strip().lower() in ("off", "none", "null"):
             return None
+        return value
+
+    @field_validator("prometheus_host")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        """Prometheus asks for no credential (nor does its UI and API): it may listen on loopback only."""
+        try:
+            loopback = value == "localhost" or ipaddress.ip_address(value).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(f"{value!r} is not a loopback address: Prometheus asks for no credential")
         return value
 
     @model_validator(mode="after")

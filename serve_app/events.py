@@ -33,10 +33,17 @@ EVENT = {"event": True}  # logger.info("...", extra=EVENT): an info line that is
 LOGGERS = ("serve_app", "ray.serve")
 OURS = (str(REPO_ROOT / "serve_app"), str(REPO_ROOT / "deployments"))
 QUEUE_SIZE = 1000
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+DROPS_LOGGED_EVERY = 100
 INDEX_OPTIONS_CONFLICT = 85
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("infer.events")  # not one of LOGGERS: its lines are never copied to MongoDB
 
 
 def is_event(record: logging.LogRecord) -> bool:
@@ -92,14 +99,20 @@ class MongoEventHandler(logging.Handler):
         for field in ("request_id", "job_id", "model", "dependency"):
             if (value := getattr(record, field, None)) is not None:
                 document[field] = str(value)
-        if record.exc_info and record.exc_info[1] is not None:
-            document["error"] = repr(record.exc_info[1])[:500]
+        if error := getattr(record, "error", None):  # the exception, kept by _DroppingQueueHandler.prepare
+            document["error"] = error
         try:
             if not self._indexed:
                 self._ensure_indexes()
             self.collection.insert_one(document)
-        except PyMongoError:
-            self.dropped += 1
+        except PyMongoError as exc:
+            self.drop(f"MongoDB: {type(exc).__name__}")
+
+    def drop(self, why: str) -> None:
+        """Count a record not stored; say so in the process's own log every DROPS_LOGGED_EVERY."""
+        self.dropped += 1
+        if self.dropped % DROPS_LOGGED_EVERY == 1:
+            logger.warning("system_logs: %d events not stored so far (last: %s)", self.dropped, why)
 
     def close(self) -> None:
         if self._client is not None:
@@ -153,11 +166,19 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
         super().__init__(records)
         self.sink = sink
 
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """The message without a traceback (the base class folds one in), the exception kept as `error`."""
+        message = record.getMessage()
+        error = repr(record.exc_info[1])[:500] if record.exc_info and record.exc_info[1] is not None else None
+        prepared = super().prepare(record)
+        prepared.msg, prepared.args, prepared.error = message, None, error
+        return prepared
+
     def enqueue(self, record: logging.LogRecord) -> None:
         try:
             self.queue.put_nowait(record)
         except queue.Full:
-            self.sink.dropped += 1
+            self.sink.drop("the queue is full")
 
 
 def log_filter(*, since: datetime | None, level: str | None, component: str | None) -> dict:

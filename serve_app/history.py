@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections import deque
 from datetime import UTC, datetime
 
@@ -123,21 +124,36 @@ class HistoryWriter:
         page = docs[:limit]
         return page, str(page[-1]["_id"]) if len(docs) > limit else None
 
-    async def stats(self, since: datetime, owner: str | None = None) -> dict:
+    async def stats(self, since: datetime, owner: str | None = None) -> dict[str, list[dict]]:
         """Numbers over the records since `since` (one tenant's when `owner` is given), by one MongoDB
-        aggregation: for all of them, per model and per route: requests, texts, cache hits among the
-        texts of requests that read the cache, 4xx and 5xx counts, p50 and p99 latency (nearest rank)."""
+        aggregation: for all of them ("overall"), per model and per route: requests, texts, cache hits among
+        the texts of requests that read the cache, 4xx and 5xx counts, and p50 and p99 latency.
+
+        Latency is counted in log-spaced buckets (LATENCY_BUCKETS_PER_DECADE, 0.6% wide), each with its
+        largest value, so memory stays bounded however long the window (MongoDB 6.0 has no $percentile,
+        and pushing every latency into a group hits its 100 MB limit); a percentile is the largest latency
+        of the bucket holding its nearest rank: exact when the bucket holds one record, else at most 0.6%
+        above the exact value."""
         match: dict = {"ts": {"$gte": since}}
         if owner is not None:
             match["owner"] = owner
-        pipeline = [
-            {"$match": match},
-            {"$sort": {"latency_ms": ASCENDING}},
-            {"$facet": {"overall": _summary(None), "by_model": _summary("$model"), "by_route": _summary("$endpoint")}},
-        ]
-        cursor = await self.collection.aggregate(pipeline, allowDiskUse=True)
-        (facets,) = await cursor.to_list(1)
-        return facets
+        keys = {"overall": None, "by_model": "$model", "by_route": "$endpoint"}
+        facets = {name: _counts(key) for name, key in keys.items()}
+        facets |= {f"{name}_latency": _latency_buckets(key) for name, key in keys.items()}
+        cursor = await self.collection.aggregate([{"$match": match}, {"$facet": facets}], allowDiskUse=True)
+        (found,) = await cursor.to_list(1)
+        result = {}
+        for name in keys:
+            buckets: dict[object, list[tuple[int, int, float]]] = {}
+            for bucket in found[f"{name}_latency"]:
+                group = bucket["_id"]
+                buckets.setdefault(group["key"], []).append((group["bucket"], bucket["n"], bucket["max"]))
+            rows = found[name]
+            for row in rows:
+                ordered = sorted(buckets.get(row["_id"], []))
+                row["p50_ms"], row["p99_ms"] = (_nearest_rank(ordered, q) for q in (0.50, 0.99))
+            result[name] = rows
+        return result
 
     async def flush(self) -> bool:
         """Write up to one batch; False if MongoDB was unreachable (the batch is kept for later)."""
@@ -195,14 +211,34 @@ class HistoryWriter:
                 logger.debug("history writer backing off %.1fs: %r", backoff, exc)
 
 
-def _rank(quantile: float) -> dict:
-    """The nearest-rank quantile of the group's sorted `latencies`: element ceil(q * n) - 1."""
-    index = {"$subtract": [{"$ceil": {"$multiply": [quantile, {"$size": "$latencies"}]}}, 1]}
-    return {"$arrayElemAt": ["$latencies", {"$toInt": {"$max": [index, 0]}}]}
+LATENCY_BUCKETS_PER_DECADE = 400
 
 
-def _summary(key: str | None) -> list[dict]:
-    """One $facet branch: the records (sorted by latency) grouped by `key` (None: all together)."""
+def _nearest_rank(buckets: list[tuple[int, int, float]], quantile: float) -> float | None:
+    """From (bucket, count, largest value) in bucket order: the largest value of the bucket holding the
+    nearest rank, ceil(q * n)."""
+    total = sum(count for _, count, _ in buckets)
+    if not total:
+        return None
+    rank, seen = max(math.ceil(quantile * total), 1), 0
+    for _, count, largest in buckets:
+        seen += count
+        if seen >= rank:
+            return largest
+    return buckets[-1][2]
+
+
+def _latency_buckets(key: str | None) -> list[dict]:
+    """One $facet branch: the records' latencies counted per (key, log-spaced bucket), with each bucket's max."""
+    bucket = {"$floor": {"$multiply": [{"$log10": {"$max": ["$latency_ms", 0.001]}}, LATENCY_BUCKETS_PER_DECADE]}}
+    return [
+        {"$match": {"latency_ms": {"$type": "number"}}},
+        {"$group": {"_id": {"key": key, "bucket": bucket}, "n": {"$sum": 1}, "max": {"$max": "$latency_ms"}}},
+    ]
+
+
+def _counts(key: str | None) -> list[dict]:
+    """One $facet branch: the records grouped by `key` (None: all together), counted."""
 
     def count_if(condition: dict) -> dict:
         return {"$sum": {"$cond": [condition, 1, 0]}}
@@ -218,10 +254,7 @@ def _summary(key: str | None) -> list[dict]:
                 "cache_reads": {"$sum": {"$cond": [reads_cache, {"$ifNull": ["$items", 0]}, 0]}},
                 "client_errors": count_if({"$and": [{"$gte": ["$status", 400]}, {"$lt": ["$status", 500]}]}),
                 "server_errors": count_if({"$gte": ["$status", 500]}),
-                "latencies": {"$push": "$latency_ms"},
             }
         },
-        {"$set": {"p50_ms": _rank(0.50), "p99_ms": _rank(0.99)}},
-        {"$unset": "latencies"},
         {"$sort": {"requests": DESCENDING, "_id": ASCENDING}},
     ]

@@ -67,7 +67,8 @@ def read_texts(path: Path, column: str | None) -> bytes:
             raise ClientError(f"{path} has no column {column!r}; it has {reader.fieldnames}")
         texts = [row[column] or "" for row in reader]
     else:
-        for number, line in enumerate(raw.splitlines(), 1):
+        # Lines end at "\n" only: JSON strings may hold U+2028 and the like, which str.splitlines() splits at.
+        for number, line in enumerate(raw.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -25,7 +25,7 @@ def test_only_our_codes_warnings_and_marked_info_lines_are_events():
 
 def test_the_level_filter_means_this_level_or_worse():
     assert events.log_filter(since=None, level="warning", component="JobWorker") == {
-        "level": {"$in": ["warning", "error"]},
+        "level": {"$in": ["warning", "error", "critical"]},
         "component": "JobWorker",
     }
     assert events.log_filter(since=None, level=None, component=None) == {}
@@ -44,3 +44,22 @@ def test_an_unreachable_mongodb_drops_the_record_and_counts_it():
     sink.emit(record(logging.WARNING, str(REPO_ROOT / "serve_app" / "x.py"), job_id="j1"))
     assert sink.dropped == 1
     sink.close()
+
+
+def test_an_exception_is_kept_apart_from_the_message():
+    sink = events.MongoEventHandler(Settings(), "gateway")
+    handler = events._DroppingQueueHandler(queue.Queue(1), sink)
+    try:
+        raise ValueError("the cause")
+    except ValueError:
+        import sys
+
+        made = logging.LogRecord("ray.serve", logging.ERROR, "x", 1, "it failed: %s", ("why",), sys.exc_info())
+    prepared = handler.prepare(made)
+    assert prepared.getMessage() == "it failed: why"
+    assert prepared.error == "ValueError('the cause')"
+    assert prepared.exc_info is None
+
+
+def test_critical_is_worse_than_error_in_the_filter():
+    assert "critical" in events.log_filter(since=None, level="error", component=None)["level"]["$in"]

@@ -124,7 +124,9 @@ async def stats(
 async def system_logs(
     services: ServicesDep,
     since: Annotated[datetime | None, Query(description="ISO 8601; events at or after it.")] = None,
-    level: Annotated[Literal["debug", "info", "warning", "error"] | None, Query(description="This or worse.")] = None,
+    level: Annotated[
+        Literal["debug", "info", "warning", "error", "critical"] | None, Query(description="This or worse.")
+    ] = None,
     component: Annotated[str | None, Query(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(pattern=r"^[0-9a-f]{24}$")] = None,
@@ -134,11 +136,15 @@ async def system_logs(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     match = events.log_filter(since=since, level=level, component=component)
-    if cursor is not None:
-        match["_id"] = {"$lt": ObjectId(cursor)}
     collection = services.clients.db["system_logs"]
     try:
-        docs = await collection.find(match).sort("_id", -1).limit(limit + 1).to_list(limit + 1)
+        if cursor is not None:  # older than the page's last entry: by time, then by id within the same instant
+            last = await collection.find_one({"_id": ObjectId(cursor)}, {"ts": 1})
+            if last is None:
+                raise InvalidRequestError("cursor names no entry (it may have expired)", param="cursor")
+            older = [{"ts": {"$lt": last["ts"]}}, {"ts": last["ts"], "_id": {"$lt": last["_id"]}}]
+            match = {"$and": [match, {"$or": older}]}
+        docs = await collection.find(match).sort([("ts", -1), ("_id", -1)]).limit(limit + 1).to_list(limit + 1)
     except PyMongoError as exc:
         raise ServiceUnavailableError("the system log cannot be read: MongoDB does not answer") from exc
     page = docs[:limit]

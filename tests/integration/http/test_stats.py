@@ -50,7 +50,7 @@ def test_stats_count_a_tenants_requests_texts_cache_hits_errors_and_percentiles(
     assert overall["cache_hit_ratio"] == pytest.approx(1 / 5)  # texts of the requests that read the cache
     assert overall["error_ratio"] == 0
     assert overall["client_error_ratio"] == pytest.approx(1 / 4)
-    assert overall["p50_ms"] == pytest.approx(nearest_rank(latencies, 0.5))
+    assert overall["p50_ms"] == pytest.approx(nearest_rank(latencies, 0.5), rel=0.006)  # its bucket: 0.6% wide
     assert overall["p99_ms"] == pytest.approx(max(latencies))
     models = {row["key"]: row for row in body["by_model"]}
     assert models[MODEL]["requests"] == 3

@@ -53,7 +53,17 @@ def test_the_ray_dashboard_finds_prometheus(settings):
     assert answer.get("result") is True, answer
 
 
+def value(prometheus, expr: str) -> float:
+    found = query(prometheus, expr)
+    return float(found[0]["value"][1]) if found else 0.0
+
+
 def test_traffic_and_a_job_show_up_in_prometheus_and_every_alert_names_held_series(settings, api, prometheus):
+    """Counted from this test's own traffic (counters read before and after), and the alert rules' series
+    looked up from the test's start only, so nothing an earlier run left in Prometheus's data counts."""
+    started = time.time()
+    texts_before = value(prometheus, "sum(ray_embedding_texts_computed_total)")
+    requests_before = value(prometheus, 'sum(ray_serve_num_http_requests_total{application="inference"})')
     for i in range(5):
         response = api.post("/v1/embeddings", json={"model": MODEL, "input": [f"monitored {i} {time.time()}"]})
         assert response.status_code == 200, response.text
@@ -62,10 +72,10 @@ def test_traffic_and_a_job_show_up_in_prometheus_and_every_alert_names_held_seri
     assert wait_for(api, job.json()["id"])["status"] == "succeeded"
 
     def counted() -> bool:
-        texts = query(prometheus, "sum(ray_embedding_texts_computed_total)")
-        requests = query(prometheus, 'sum(ray_serve_num_http_requests_total{application="inference"})')
+        texts = value(prometheus, "sum(ray_embedding_texts_computed_total)") - texts_before
+        requests = value(prometheus, 'sum(ray_serve_num_http_requests_total{application="inference"})')
         queues = query(prometheus, 'rabbitmq_queue_messages_ready{queue="jobs"}')
-        return bool(texts and requests and queues) and float(texts[0]["value"][1]) >= 5
+        return texts >= 6 and requests - requests_before >= 6 and bool(queues)
 
     assert wait_until(counted, 60, interval_s=2), "the traffic did not reach Prometheus within 60 s"
 
@@ -75,6 +85,7 @@ def test_traffic_and_a_job_show_up_in_prometheus_and_every_alert_names_held_seri
     missing = {}
     for name, expr in expressions.items():
         for series in set(SERIES.findall(expr)):
-            if not prometheus.get("/api/v1/series", params={"match[]": series}).json()["data"]:
+            held = prometheus.get("/api/v1/series", params={"match[]": series, "start": started}).json()["data"]
+            if not held:
                 missing.setdefault(name, []).append(series)
     assert not missing, f"alert rules name series Prometheus does not hold: {missing}"

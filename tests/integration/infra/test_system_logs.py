@@ -47,9 +47,14 @@ def test_a_failed_job_is_a_warning_of_the_job_worker_with_its_id(api, failed_job
 
 
 def test_a_gateway_replicas_start_up_is_an_info_event(api):
-    started = [
-        e for e in logs(api, component="gateway", level="info", limit=200)["data"] if "replica started" in e["message"]
-    ]
+    """Paged back through every gateway event at info or worse until a start-up is found."""
+    started, cursor = [], None
+    for _ in range(50):
+        page = logs(api, component="gateway", level="info", limit=200, **({"cursor": cursor} if cursor else {}))
+        started = [e for e in page["data"] if "replica started" in e["message"]]
+        cursor = page["next_cursor"]
+        if started or cursor is None:
+            break
     assert started, "no gateway start-up in system_logs"
     assert started[0]["level"] == "info"
 

@@ -61,3 +61,23 @@ def test_rabbitmq_serves_its_metrics_on_loopback_per_queue(tmp_path, monkeypatch
     assert "prometheus.tcp.ip = 127.0.0.1\n" in conf
     assert f"prometheus.tcp.port = {settings.rabbitmq_prometheus_port}\n" in conf
     assert "prometheus.return_per_object_metrics = true\n" in conf
+
+
+def test_prometheus_may_listen_on_loopback_only():
+    import pytest
+    from pydantic import ValidationError
+
+    assert ClusterSettings(prometheus_host="::1").prometheus_host == "::1"
+    with pytest.raises(ValidationError, match="not a loopback address"):
+        ClusterSettings(prometheus_host="0.0.0.0")
+
+
+def test_another_prometheus_on_the_port_is_refused_not_used(tmp_path, monkeypatch):
+    import pytest
+
+    from cluster.services import ServiceError
+
+    prometheus = Prometheus("prometheus", ClusterSettings(state_dir=tmp_path))
+    monkeypatch.setattr(Prometheus, "answers", lambda self: True)  # something answers; no pid file of ours
+    with pytest.raises(ServiceError, match="something else already answers"):
+        prometheus.ensure()

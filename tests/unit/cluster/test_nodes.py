@@ -219,6 +219,9 @@ def test_a_node_namespace_forwards_the_proxy_port_and_the_replicas_ports_to_its_
     assert nft[:4] == ["ip", "netns", "exec", "infer-node-1"]
     assert nft[-2:] == ["-f", "-"]
     assert 'iifname "eth0" ip daddr 10.77.0.11 tcp dport { 8101, 30000-31000 } dnat to 127.0.0.1' in rules
+    # Only what was forwarded reaches loopback from the node network: nothing else addressed to 127.0.0.0/8.
+    assert 'iifname "eth0" ip daddr 127.0.0.0/8 ct status dnat accept\n' in rules
+    assert 'iifname "eth0" ip daddr 127.0.0.0/8 drop\n' in rules
 
 
 def test_status_lists_each_deployment_with_its_target_bounds_and_replica_states(monkeypatch):
