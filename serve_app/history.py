@@ -147,7 +147,8 @@ class HistoryWriter:
             buckets: dict[object, list[tuple[int, int, float]]] = {}
             for bucket in found[f"{name}_latency"]:
                 group = bucket["_id"]
-                buckets.setdefault(group["key"], []).append((group["bucket"], bucket["n"], bucket["max"]))
+                # A record without the key's field (a login has no model) has no "key" here, and a null _id there.
+                buckets.setdefault(group.get("key"), []).append((group["bucket"], bucket["n"], bucket["max"]))
             rows = found[name]
             for row in rows:
                 ordered = sorted(buckets.get(row["_id"], []))

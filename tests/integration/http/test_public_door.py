@@ -19,6 +19,7 @@ import pytest
 from cluster.processes import wait_until
 from cluster.secrets import ray_auth_headers
 from cluster.services import Nginx
+from tests.integration.helpers import listener_pid
 
 MODEL = "all-minilm-l6-v2"
 
@@ -184,22 +185,74 @@ def serve_replicas(settings, deployment: str) -> list[dict]:
     return applications[settings.serve_app_name]["deployments"][deployment]["replicas"]
 
 
-def test_a_request_whose_gateway_replica_dies_gets_a_json_error(settings, api):
-    """Serve's proxy answers such a request with a text/plain 500; NGINX gives the API's JSON shape."""
-    (gateway,) = [r for r in serve_replicas(settings, "Gateway") if r["state"] == "RUNNING"]
+def slow_request(api, request_id: str):
+    """An embeddings request of seconds of model work, sent from a thread: (its future, the pool)."""
     words = "".join(random.choices(string.ascii_lowercase + " ", k=8000))
-    texts = [f"{i} {uuid.uuid4().hex} {words}" for i in range(256)]  # seconds of model work
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(api.post, "/v1/embeddings", json={"model": MODEL, "input": texts})
+    texts = [f"{i} {uuid.uuid4().hex} {words}" for i in range(256)]
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(
+        api.post, "/v1/embeddings", json={"model": MODEL, "input": texts}, headers={"X-Request-ID": request_id}
+    )
+    return future, pool
+
+
+def upstreams_tried(settings, request_id: str) -> list[str]:
+    """The upstream addresses NGINX tried for a request, in order, from its access log."""
+    log = settings.state_dir / "nginx" / "logs" / "access.log"
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if f'"request_id":"{request_id}"' in line:
+            return [part.strip() for part in json.loads(line)["upstream"].split(",")]
+    return []
+
+
+def back_to_serving(api) -> None:
+    assert wait_until(
+        lambda: api.post("/v1/embeddings", json={"model": MODEL, "input": "back"}).status_code == 200, 180, 1.0
+    ), "the gateway did not come back"
+
+
+def test_a_request_whose_gateway_replica_dies_is_retried_on_the_backup_proxy_and_answered(settings, api):
+    """Direct ingress: NGINX retries the (pure) embeddings request on the head's Serve proxy, its backup,
+    which holds it until Serve has replaced the replica: the client gets its answer, not the replica's death."""
+    if not settings.serve_direct_ingress:
+        pytest.skip("the proxy is the door without direct ingress: test_a_request_nothing_can_answer_... covers it")
+    (gateway,) = [r for r in serve_replicas(settings, "Gateway") if r["state"] == "RUNNING"]
+    request_id = f"replica-dies-{uuid.uuid4().hex}"
+    pending, pool = slow_request(api, request_id)
+    try:
         time.sleep(1.5)
         assert not pending.done(), "the request ended before the replica could be stopped"
         os.kill(gateway["pid"], signal.SIGKILL)
         response = pending.result(timeout=120)
+    finally:
+        pool.shutdown(wait=False)
+    try:
+        assert response.status_code == 200, response.text[:300]
+        assert len(response.json()["data"]) == 256
+        assert wait_until(lambda: len(upstreams_tried(settings, request_id)) == 2, 10)
+        assert upstreams_tried(settings, request_id)[-1] == f"{settings.serve_host}:{settings.serve_port}"
+    finally:  # whatever happened, the next test finds a serving cluster
+        back_to_serving(api)
+
+
+def test_a_request_nothing_can_answer_gets_a_json_error(settings, api):
+    """The gateway replica and the Serve proxy behind NGINX killed while a request runs: NGINX's retry finds
+    nothing that answers, and NGINX answers in the API's JSON shape (Serve's own would be text/plain)."""
+    (gateway,) = [r for r in serve_replicas(settings, "Gateway") if r["state"] == "RUNNING"]
+    proxy = listener_pid(settings.serve_port, host=settings.serve_host)
+    assert proxy is not None, "no Serve proxy listens"
+    pending, pool = slow_request(api, f"nothing-answers-{uuid.uuid4().hex}")
+    try:
+        time.sleep(1.5)
+        assert not pending.done(), "the request ended before the replica could be stopped"
+        os.kill(proxy, signal.SIGKILL)
+        os.kill(gateway["pid"], signal.SIGKILL)
+        response = pending.result(timeout=120)
+    finally:
+        pool.shutdown(wait=False)
     try:
         assert response.status_code >= 500, response.text[:300]
         assert response.headers["content-type"].startswith("application/json"), response.text[:300]
         assert response.json()["error"]["message"]
-    finally:  # whatever happened, the next test finds a serving cluster
-        assert wait_until(
-            lambda: api.post("/v1/embeddings", json={"model": MODEL, "input": "back"}).status_code == 200, 180, 1.0
-        ), "the gateway did not come back"
+    finally:
+        back_to_serving(api)

@@ -167,6 +167,7 @@ def test_direct_ingress_sends_nginx_to_each_gateway_replicas_own_port(monkeypatc
         "30000",
         "31000",
     )
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "10"  # two of nginx-sync's reads
     assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in ray_env(ClusterSettings(serve_direct_ingress=False))
 
     def group(*targets, app="inference", protocol="HTTP"):
