@@ -67,17 +67,17 @@ def _nft(*args: str, stdin: str | None = None, check: bool = True) -> subprocess
 def guard_ports(ports: list[int]) -> None:
     """Admit TCP connections to `ports` only from loopback and the node bridge (made or replaced at once)."""
     listed = ", ".join(str(p) for p in sorted(set(ports)))
-    rules = f"""
-table inet {NFT_TABLE} {{}}
-delete table inet {NFT_TABLE}
-table inet {NFT_TABLE} {{
+    chains = f"""
     chain input {{
         type filter hook input priority filter; policy accept;
         iifname != {{ "lo", "{BRIDGE}" }} tcp dport {{ {listed} }} drop
-    }}
-}}
-"""
-    _nft("-f", "-", stdin=rules)
+    }}"""
+    _nft("-f", "-", stdin=replace_table("inet", NFT_TABLE, chains))
+
+
+def replace_table(family: str, name: str, chains: str) -> str:
+    """An nft script that makes the table or replaces it whole, at once: its chains as given."""
+    return f"table {family} {name} {{}}\ndelete table {family} {name}\ntable {family} {name} {{{chains}\n}}\n"
 
 
 def guarded_ports() -> set[int]:
@@ -179,10 +179,7 @@ class NodeNamespace:
         )
         if run.returncode != 0:
             raise NetnsError(f"{self.name}: setting route_localnet: {run.stderr.strip() or run.returncode}")
-        rules = f"""
-table ip {FORWARD_TABLE} {{}}
-delete table ip {FORWARD_TABLE}
-table ip {FORWARD_TABLE} {{
+        chains = f"""
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         iifname "eth0" ip daddr {self.address} tcp dport {{ {listed} }} dnat to 127.0.0.1
@@ -191,9 +188,8 @@ table ip {FORWARD_TABLE} {{
         type filter hook input priority filter; policy accept;
         iifname "eth0" ip daddr 127.0.0.0/8 ct status dnat accept
         iifname "eth0" ip daddr 127.0.0.0/8 drop
-    }}
-}}
-"""
+    }}"""
+        rules = replace_table("ip", FORWARD_TABLE, chains)
         nft = shutil.which("nft") or "/usr/sbin/nft"
         run = subprocess.run(self.exec_argv([nft, "-f", "-"]), input=rules, capture_output=True, text=True, check=False)
         if run.returncode != 0:

@@ -1,5 +1,6 @@
 """Plain helpers of the integration tests (fixtures live in conftest.py)."""
 
+import json
 import re
 import subprocess
 import time
@@ -90,3 +91,18 @@ def listener_pid(port: int, *, namespace: str | None = None, host: str | None = 
         if match := re.search(r"pid=(\d+)", line):
             return int(match.group(1))
     return None
+
+
+def nginx_servers(settings) -> list[str]:
+    """host:port of every server in NGINX's upstream block (a backup's too)."""
+    config = (settings.state_dir / "nginx" / "nginx.conf").read_text()
+    return re.findall(r"server (\S+)", re.search(r"upstream serve_proxies \{(.*?)\}", config, re.S).group(1))
+
+
+def record_figures(settings, key: str, figures: dict) -> None:
+    """Add one fault's figures to <state_dir>/multinode-figures.json (the README's multi-node table)."""
+    path = settings.state_dir / "multinode-figures.json"
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    recorded[key] = figures
+    path.write_text(json.dumps(recorded, indent=2))
+    print(f"{key}: {figures}")

@@ -8,9 +8,7 @@ its actor dead, and nginx-sync reads its new port within a check (5 s); until th
 backup. The measured outages go to <state_dir>/multinode-figures.json with the other fault figures.
 """
 
-import json
 import os
-import re
 import signal
 import threading
 import time
@@ -19,7 +17,7 @@ import pytest
 
 from cluster.nodes import alive_nodes, layout
 from cluster.processes import wait_until
-from tests.integration.helpers import MODEL, listener_pid
+from tests.integration.helpers import MODEL, listener_pid, nginx_servers, record_figures
 
 
 @pytest.fixture
@@ -35,20 +33,6 @@ def head_door(settings) -> str | None:
 
 def port_of(door: str) -> int:
     return int(door.rsplit(":", 1)[1])
-
-
-def nginx_servers(settings) -> list[str]:
-    """host:port of every server in NGINX's upstream block (a backup's too)."""
-    config = (settings.state_dir / "nginx" / "nginx.conf").read_text()
-    return re.findall(r"server (\S+)", re.search(r"upstream serve_proxies \{(.*?)\}", config, re.S).group(1))
-
-
-def record(settings, key: str, figures: dict) -> None:
-    path = settings.state_dir / "multinode-figures.json"
-    recorded = json.loads(path.read_text()) if path.exists() else {}
-    recorded[key] = figures
-    path.write_text(json.dumps(recorded, indent=2))
-    print(f"{key}: {figures}")
 
 
 @pytest.mark.usefixtures("one_node")
@@ -86,7 +70,7 @@ def test_a_killed_door_is_replaced_within_seconds(settings, api):
         "failed_probes": failed,
         "seconds_to_nginx_using_the_new_door": round(time.monotonic() - killed, 1),
     }
-    record(settings, "door_loss_one_node", figures)
+    record_figures(settings, "door_loss_one_node", figures)
     # A bound on the fault handling, not a performance claim: with Serve's default it took 30 s.
     assert recovered < 20, f"the cluster took {recovered:.1f}s to serve again"
 

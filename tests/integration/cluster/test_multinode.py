@@ -11,7 +11,6 @@ written to <state_dir>/multinode-figures.json for the README's multi-node sectio
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import threading
@@ -27,7 +26,7 @@ from cluster import local
 from cluster.nodes import alive_nodes, layout, serve_details, worker_index, workers
 from cluster.processes import descendants, wait_until
 from serve_app.model_repository import VERIFIED_MARKER
-from tests.integration.helpers import listener_pid, submit, texts
+from tests.integration.helpers import listener_pid, nginx_servers, record_figures, submit, texts
 
 MODEL = "all-minilm-l6-v2"
 CLIENTS = 8
@@ -37,13 +36,6 @@ def doors(settings, node: str) -> list[str]:
     """Where NGINX sends requests to a node ("head", "worker-1"): its gateway replicas' own ports with
     direct ingress, else its proxy; host:port as NGINX names them (a worker in a namespace at its address)."""
     return next((row["doors"] for row in layout(settings) if row["node"] == node), [])
-
-
-def nginx_servers(settings) -> list[str]:
-    """host:port of every server in NGINX's upstream block (a backup's too)."""
-    config = (settings.state_dir / "nginx" / "nginx.conf").read_text()
-    block = re.search(r"upstream serve_proxies \{(.*?)\}", config, re.S).group(1)
-    return re.findall(r"server (\S+)", block)
 
 
 def settled(settings) -> bool:
@@ -233,7 +225,7 @@ def test_losing_the_worker_nodes_door_under_load_costs_at_most_its_in_flight_req
         "seconds_to_new_door": round(replaced, 1),
         "seconds_to_nginx_using_it": round(in_nginx, 1),
     }
-    _record(settings, "door_loss_two_nodes", figures)
+    record_figures(settings, "door_loss_two_nodes", figures)
     assert len(failed) <= len(in_flight), figures
     assert wait_until(lambda: serving_on_two_nodes(settings), 120, interval_s=0.5), layout(settings)
 
@@ -265,7 +257,7 @@ def test_losing_the_worker_node_under_load_costs_at_most_its_in_flight_requests(
         last_failure_s_after_loss=round(max((o.ended - killed_at for o in failed), default=0), 1),
         succeeded_after_recovery=sum(1 for o in outcomes if o.started > after - 8 and o.status == 200),
     )
-    _record(settings, "node_loss", figures)
+    record_figures(settings, "node_loss", figures)
     assert figures["succeeded_after_recovery"] > 0
     assert len(failed) <= len(in_flight), f"more failed than were in flight at the loss: {figures}"
     assert not late, f"requests still failed 20 s after the loss: {figures}"
@@ -278,7 +270,7 @@ def test_a_node_that_rejoins_takes_replicas_again(settings, api):
     local.up(with_workers(settings, 1))
     joined = time.monotonic() - started
     assert wait_until(lambda: serving_on_two_nodes(settings), 240, interval_s=0.5), layout(settings)
-    _record(
+    record_figures(
         settings,
         "rejoin",
         {"seconds_to_join": round(joined, 1), "seconds_to_serve": round(time.monotonic() - started, 1)},
@@ -410,12 +402,4 @@ def test_a_partition_cuts_the_worker_off_its_jobs_finish_once_and_it_comes_back_
         result = api.get(f"/v1/jobs/{job_id}/result")
         assert result.status_code == 200, result.text
         assert len(result.json()["data"]) == 400
-    _record(settings, "partition", figures)
-
-
-def _record(settings, name: str, figures: dict) -> None:
-    path = settings.state_dir / "multinode-figures.json"
-    recorded = json.loads(path.read_text()) if path.exists() else {}
-    recorded[name] = figures
-    path.write_text(json.dumps(recorded, indent=2))
-    print(f"{name}: {figures}")
+    record_figures(settings, "partition", figures)
