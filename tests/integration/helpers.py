@@ -33,7 +33,6 @@ def wait_for(api, job_id: str, done=lambda job: job["status"] in TERMINAL, timeo
 def job_diagnosis(settings, job_id: str) -> str:
     """What a stuck job's state looks like from every side, for a failure message: its document, the
     queues, the JobWorker and EmbeddingModel replicas, and the replica log lines that name it."""
-    import json
     from pathlib import Path
 
     from pymongo import MongoClient
