@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -322,9 +323,9 @@ Stop it with `make down`; see each component with `make status`.
 """
 
 
-def _say_nodes(settings: ClusterSettings) -> None:
+def _say_nodes(settings: ClusterSettings, details: dict | None = None) -> None:
     try:
-        rows = layout(settings)
+        rows = layout(settings, details)
     except (OSError, ValueError):
         _say("  nodes: Ray does not answer")
         return
@@ -336,35 +337,33 @@ def _say_nodes(settings: ClusterSettings) -> None:
         _say(f"    {row['node']:<9} {row['node_id']}  proxy {proxy:<24} NGINX -> {doors:<19} {replicas}")
 
 
-def deployments(settings: ClusterSettings) -> list[dict]:
+def deployments(settings: ClusterSettings, details: dict | None = None) -> list[dict]:
     """Each deployment of the app: its status, the replicas it aims for (or its autoscaling bounds), and
     how many replicas are in each state."""
-    app = (serve_details(settings).get("applications") or {}).get(settings.serve_app_name) or {}
+    details = serve_details(settings) if details is None else details
+    app = (details.get("applications") or {}).get(settings.serve_app_name) or {}
     rows = []
     for name, deployment in (app.get("deployments") or {}).items():
-        config = deployment.get("deployment_config") or {}
-        scaling = config.get("autoscaling_config")
-        states: dict[str, int] = {}
-        for replica in deployment.get("replicas") or []:
-            states[replica.get("state", "?")] = states.get(replica.get("state", "?"), 0) + 1
+        scaling = (deployment.get("deployment_config") or {}).get("autoscaling_config")
+        states = Counter(replica.get("state", "?") for replica in deployment.get("replicas") or [])
         rows.append(
             {
                 "name": name,
                 "status": deployment.get("status"),
                 "target": deployment.get("target_num_replicas"),
                 "bounds": f"{scaling['min_replicas']}-{scaling['max_replicas']}" if scaling else None,
-                "replicas": states,
+                "replicas": dict(states),
             }
         )
     return rows
 
 
-def _say_detail(settings: ClusterSettings) -> None:
+def _say_detail(settings: ClusterSettings, details: dict | None = None) -> None:
     """Deployments and their replicas, the job queues, and where to look (URLs, logs)."""
     from serve_app.infra.rabbitmq import queue_depths
 
     try:
-        rows = deployments(settings)
+        rows = deployments(settings, details)
         _say(f"  deployments ({settings.serve_app_name}):")
         for row in rows:
             target = f"target {row['target']}" + (f" (autoscaling {row['bounds']})" if row["bounds"] else "")
@@ -413,8 +412,12 @@ def main(argv: list[str] | None = None) -> int:
             if detail:
                 for name, component in detail.get("components", {}).items():
                     _say(f"       {name:<24} {component['status']:<5} {component.get('detail') or ''}")
-            _say_nodes(settings)
-            _say_detail(settings)
+            try:  # Serve's state, read once for the nodes and the deployments
+                details = serve_details(settings)
+            except (OSError, ValueError):
+                details = None  # each part then says Serve does not answer
+            _say_nodes(settings, details)
+            _say_detail(settings, details)
             return 0 if all(r["answers"] for r in rows) else 1
         elif command == "nodes":
             _say_nodes(settings)

@@ -124,11 +124,11 @@ def live_upstreams(settings: ClusterSettings, alive: list[dict] | None = None) -
     return sorted(upstreams) or None
 
 
-def layout(settings: ClusterSettings) -> list[dict]:
+def layout(settings: ClusterSettings, details: dict | None = None) -> list[dict]:
     """Each alive node: its id, address, role, proxy (host:port, status), the replicas on it and its doors
     (where NGINX sends requests to it: its gateway replicas' own ports with direct ingress, else its proxy)."""
     nodes = alive_nodes(settings)
-    details = serve_details(settings)
+    details = serve_details(settings) if details is None else details
     proxies = details.get("proxies") or {}
     targets = ingress_targets(settings, details) if settings.serve_direct_ingress else {}
     replicas: dict[str, list[str]] = {}

@@ -492,12 +492,8 @@ class Nginx(Service):
         return http_ok(f"{self.settings.http_url}/-/nginx")
 
     def render(self) -> str:
-        template = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(REPO_ROOT / "nginx"),
-            undefined=jinja2.StrictUndefined,
-            keep_trailing_newline=True,
-        ).get_template("nginx.conf.j2")
-        return template.render(
+        return render_template(
+            REPO_ROOT / "nginx" / "nginx.conf.j2",
             settings=self.settings,
             upstreams=self.upstreams(),
             prefix=self.prefix,
@@ -578,12 +574,8 @@ class Prometheus(Service):
         return http_ok(f"{self.settings.prometheus_url}/-/ready")
 
     def render(self) -> str:
-        template = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(REPO_ROOT / "cluster" / "monitoring"),
-            undefined=jinja2.StrictUndefined,
-            keep_trailing_newline=True,
-        ).get_template("prometheus.yml.j2")
-        return template.render(
+        return render_template(
+            REPO_ROOT / "cluster" / "monitoring" / "prometheus.yml.j2",
             interval_s=self.settings.prometheus_scrape_interval_s,
             rules=self.rules_path,
             ray_service_discovery=Ray("ray", self.settings).temp_dir / "prom_metrics_service_discovery.json",
@@ -622,6 +614,14 @@ class Prometheus(Service):
                 return "reloaded"
             return "running"
         return super().ensure()
+
+
+def render_template(path: Path, **values: object) -> str:
+    """A Jinja template of the repository rendered strictly (an undefined name is an error)."""
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(path.parent), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+    )
+    return environment.get_template(path.name).render(**values)
 
 
 def _require(program: str) -> str:

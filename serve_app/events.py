@@ -29,6 +29,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from serve_app.settings import REPO_ROOT, Settings
 
+COLLECTION = "system_logs"
 EVENT = {"event": True}  # logger.info("...", extra=EVENT): an info line that is a system event
 LOGGERS = ("serve_app", "ray.serve")
 OURS = (str(REPO_ROOT / "serve_app"), str(REPO_ROOT / "deployments"))
@@ -71,7 +72,7 @@ class MongoEventHandler(logging.Handler):
             self._client = MongoClient(
                 self.settings.mongo_url, serverSelectionTimeoutMS=2000, timeoutMS=3000, **self.settings.mongo_options()
             )
-        return self._client[self.settings.mongo_db]["system_logs"]
+        return self._client[self.settings.mongo_db][COLLECTION]
 
     def _ensure_indexes(self) -> None:
         ttl_s = int(timedelta(days=self.settings.system_log_ttl_days).total_seconds())

@@ -136,7 +136,7 @@ async def system_logs(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     match = events.log_filter(since=since, level=level, component=component)
-    collection = services.clients.db["system_logs"]
+    collection = services.clients.db[events.COLLECTION]
     try:
         if cursor is not None:  # older than the page's last entry: by time, then by id within the same instant
             last = await collection.find_one({"_id": ObjectId(cursor)}, {"ts": 1})
