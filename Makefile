@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := redis-server rabbitmq-server nginx prometheus libcurl4 libssl3 python3-venv iproute2 nftables
 
-.PHONY: help install up down status deploy test test-unit lint clean loadtest bench ceiling
+.PHONY: help install up down status deploy test test-unit lint clean loadtest bench ceiling dashboard
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -71,6 +71,11 @@ bench: up  ## the side-by-side benchmark; writes docs/benchmarks.md and the char
 
 ceiling: install  ## the bare model's ceiling, torch and ONNX, every layout (take it with the cluster down)
 	$(PY) -m loadtests.ceiling --json loadtests/results/ceiling.json
+
+WINDOW ?= 15m
+OUT ?= docs/dashboard.png
+dashboard: install  ## the Grafana dashboard's main charts, from Prometheus, into one PNG (WINDOW=15m OUT=docs/dashboard.png)
+	$(PY) -m cluster.dashboard_png --window $(WINDOW) --out $(OUT)$(if $(END), --end $(END))
 
 clean: down  ## stop everything and delete runtime state (.cluster/)
 	rm -rf .cluster

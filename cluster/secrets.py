@@ -2,7 +2,8 @@
 
 Each file is named after the setting it fills (`infer_redis_password` for INFER_REDIS_PASSWORD),
 so pydantic-settings reads them as a secrets directory (serve_app.settings.load_settings); an
-environment variable still wins over a file. `ray-token` is Ray's token (RAY_AUTH_TOKEN_PATH).
+environment variable still wins over a file. `ray-token` is Ray's token (RAY_AUTH_TOKEN_PATH);
+`grafana-admin-password` is read by Grafana only (cluster/compose.yaml, profile monitoring).
 A file that exists is never rewritten: the services' data directories hold users made with it.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from cluster.settings import ClusterSettings, get_cluster_settings, load_cluster_settings
 
 RAY_TOKEN_FILE = "ray-token"
+GRAFANA_PASSWORD_FILE = "grafana-admin-password"
 
 # setting -> how to make a value of it
 GENERATED = {
@@ -24,6 +26,7 @@ GENERATED = {
     "infer_s3_access_key": lambda: "AK" + secrets.token_hex(9).upper(),
     "infer_s3_secret_key": lambda: secrets.token_urlsafe(30),
     RAY_TOKEN_FILE: lambda: secrets.token_hex(32),
+    GRAFANA_PASSWORD_FILE: lambda: secrets.token_urlsafe(24),
 }
 
 

@@ -814,6 +814,46 @@ def test_compose_credentials_are_the_files_make_up_generates_read_as_settings(mo
         assert settings.s3_secret_key.get_secret_value() == "infer_s3_secret_key-value"
 
 
+def test_every_port_compose_publishes_is_on_loopback():
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_every_compose_mount_is_a_file_here_or_a_declared_volume():
+    config = compose()
+    for name, service in config["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (CLUSTER / source).exists(), f"{name} mounts {source}, which is not in cluster/"
+            else:
+                assert source in config["volumes"], f"{name} mounts volume {source}, which is not declared"
+
+
+def test_the_monitoring_services_are_pinned_loopback_read_only_and_grafana_asks_for_its_password():
+    config = compose()
+    services = config["services"]
+    for name in ("prometheus", "grafana"):
+        service = services[name]
+        assert service["profiles"] == ["monitoring"], name
+        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", service["image"]), f"{name}: pin a version"
+        for volume in service["volumes"]:
+            source, _target, *options = volume.split(":")
+            if source.startswith(".") or source == "ray-temp":
+                assert options == ["ro"], f"{name} mounts {source} writable"
+    assert services["grafana"]["image"].startswith("grafana/grafana:11.")
+    env = services["grafana"]["environment"]
+    (secret,) = services["grafana"]["secrets"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"] == f"/run/secrets/{secret}"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env, "the password comes from the secret file only"
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert Path(config["secrets"][secret]["file"]).name in GENERATED
+    # Both read the Ray head's temp dir, which the serve service shares.
+    assert "ray-temp:/tmp/ray" in services["serve"]["volumes"]
+
+
 def test_ray_starts_in_the_compose_serve_service(tmp_path):
     service = compose()["services"]["serve"]
     env = {k: str(v) for k, v in service["environment"].items()}

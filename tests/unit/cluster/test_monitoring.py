@@ -3,6 +3,7 @@ installs Debian's prometheus package, which ships it)."""
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import yaml
 
@@ -81,3 +82,26 @@ def test_another_prometheus_on_the_port_is_refused_not_used(tmp_path, monkeypatc
     monkeypatch.setattr(Prometheus, "answers", lambda self: True)  # something answers; no pid file of ours
     with pytest.raises(ServiceError, match="something else already answers"):
         prometheus.ensure()
+
+
+def test_promtool_accepts_the_compose_config_which_scrapes_what_make_up_does(tmp_path):
+    """cluster/monitoring/prometheus-compose.yml (compose.yaml's `monitoring` profile): the same jobs as the
+    rendered config, its rules the same alerts.yml (mounted beside it, as compose mounts both)."""
+    monitoring = Path(__file__).resolve().parents[3] / "cluster" / "monitoring"
+    path = monitoring / "prometheus-compose.yml"
+    checked = promtool("check", "config", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 6 rules found" in checked.stdout + checked.stderr
+    config = yaml.safe_load(path.read_text())
+    rendered = yaml.safe_load(Prometheus("prometheus", ClusterSettings(state_dir=tmp_path)).render())
+    assert [job["job_name"] for job in config["scrape_configs"]] == [j["job_name"] for j in rendered["scrape_configs"]]
+    assert config["rule_files"] == ["alerts.yml"]
+    compose = yaml.safe_load((monitoring.parent / "compose.yaml").read_text())["services"]["prometheus"]
+    mounted = {v.split(":")[1]: (monitoring.parent / v.split(":")[0]).resolve() for v in compose["volumes"]}
+    assert mounted["/etc/prometheus/prometheus.yml"] == path
+    assert mounted["/etc/prometheus/alerts.yml"] == monitoring / "alerts.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in compose["command"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    # Ray's discovery file, in the temp dir the `serve` service shares (Ray writes it at the temp dir's top).
+    assert jobs["ray"]["file_sd_configs"] == [{"files": ["/tmp/ray/prom_metrics_service_discovery.json"]}]
+    assert jobs["rabbitmq"]["metrics_path"] == "/metrics/per-object", "per-queue series, whatever the broker's config"
