@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 import numpy as np
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import tracing
 from serve_app.embeddings.cache import ResultCache, cache_key, pack, packed_size, unpack
 from serve_app.embeddings.catalog import ModelCatalog, parse_model
 from serve_app.embeddings.contract import EmbeddingBatch
@@ -303,11 +304,13 @@ class EmbeddingService:
         version = info.version
         keys = [cache_key(client.name, version, text) for text in unique]
         expected_size = packed_size(info.dims)
-        found = {
-            text: unpack(blob)
-            for text, blob in zip(unique, await self.cache.get_many(keys), strict=True)
-            if blob is not None and len(blob) == expected_size  # anything else is not ours: a miss
-        }
+        with tracing.span("cache lookup", {"model": client.name, "texts": len(unique)}) as span:
+            found = {
+                text: unpack(blob)
+                for text, blob in zip(unique, await self.cache.get_many(keys), strict=True)
+                if blob is not None and len(blob) == expected_size  # anything else is not ours: a miss
+            }
+            span.set_attribute("hits", len(found))
         max_tokens = info.max_seq_length or DEFAULT_MAX_TOKENS
 
         async def compute(on: ModelClient, items: list[str], charge: bool) -> tuple[Computed, set[str]]:
@@ -331,8 +334,16 @@ class EmbeddingService:
         async def store(call_texts: list[str], batch: EmbeddingBatch) -> None:
             await self._store(client.name, call_texts, batch)
 
+        async def send(call_texts: list[str]) -> EmbeddingBatch:
+            with tracing.span(
+                "model call", {"model": client.name, "texts": len(call_texts), "lane": client.lane}
+            ) as span:
+                batch = await client.embed(call_texts)
+                span.set_attribute("version", batch.version)
+                return batch
+
         costs = [estimate_tokens(text, max_tokens) for text in texts]
-        done = await metered_calls(texts, costs, meter, self.call_max_tokens, client.embed, store, charge=charge)
+        done = await metered_calls(texts, costs, meter, self.call_max_tokens, send, store, charge=charge)
         computed: Computed = {}
         for call_texts, batch in done:
             computed.update(_by_text(call_texts, batch))

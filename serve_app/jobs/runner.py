@@ -5,6 +5,10 @@ under the job's id, so a redelivered job overwrites its own result and never add
 Work goes to the model in chunks through the same embedding service as synchronous requests
 (cache reuse, the model's batching), with progress recorded and cancellation checked as chunks finish
 (at most every PROGRESS_INTERVAL_S).
+
+Traced (serve_app/tracing.py, when on): a "job" span per delivery, in a trace of its own (the job document
+does not carry the submitting request's trace; both carry job.id), with a span per step: claim, read input,
+embed chunk (the cache lookups and model calls under each), write result, settle.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serve_app import tracing
 from serve_app.embeddings.service import EmbeddingOutcome, EmbeddingService
 from serve_app.errors import APIError
 from serve_app.jobs.objects import InputError, JobObjects, ObjectRef, parse_text_lines
@@ -61,6 +66,7 @@ class JobRunner:
         self._rerank = rerank
         self.objects = objects
         self.worker = {"host": socket.gethostname(), "pid": os.getpid()}
+        tracing.configure(settings, "job-worker")  # once per process; off without INFER_OTEL_ENDPOINT
 
     def reranker(self) -> RerankService:
         """The rerank service, over the embeddings' catalog and cache unless one was given."""
@@ -72,29 +78,44 @@ class JobRunner:
 
     async def run(self, job_id: str) -> Settlement:
         """Claim the job, compute it, store its result, end it: one forward path, each step one write."""
+        with tracing.span("job", {"job.id": job_id}) as span:
+            settlement = await self._run(job_id, span)
+            span.set_attribute("job.disposition", settlement.disposition.value)
+            return settlement
+
+    async def _run(self, job_id: str, span: tracing.Span) -> Settlement:
         lease = uuid.uuid4().hex
         try:
-            job = await self.store.claim(job_id, self.worker, lease)
+            # A job not claimed (ended, cancelled, held elsewhere) is an outcome, not a failure of the step.
+            with tracing.span("claim", {"job.id": job_id}, set_status_on_exception=False):
+                job = await self.store.claim(job_id, self.worker, lease)
         except JobMissing:
             logger.error("message for unknown job %s dead-lettered", job_id, extra={"job_id": job_id})
             return Settlement(Disposition.DEAD)
         except JobEnded:
             return Settlement(Disposition.ACK)  # a redelivery of a job already ended
         except CancelRequested:
-            await self.store.finish(job_id, JobStatus.CANCELLED)
+            await self._finish(job_id, JobStatus.CANCELLED)
             return Settlement(Disposition.ACK)
         except LeaseHeld as held:
             # Another delivery is working on it (a redelivery after a connection loss): look again later.
             return Settlement(Disposition.RETRY, held.remaining_s + 0.5)
+        span.set_attribute("job.attempt", job["attempts"])
+        span.set_attribute("job.model", job["model"])
         if job["attempts"] > self.settings.job_max_attempts:
             return await self._give_up(job)
         try:
-            texts = await self._texts(job)
+            with tracing.span("read input", {"job.id": job_id, "job.input": job["input"]["kind"]}) as step:
+                texts = await self._texts(job)
+                step.set_attribute("texts", len(texts))
             query = job["input"].get("query")
             vectors, tokens, version = await self._embed(job_id, lease, job["model"], texts, query)
-            result = await self._store_result(job_id, vectors, tokens, version, "embed" if query is None else "rerank")
+            with tracing.span("write result", {"job.id": job_id, "texts": len(tokens)}):
+                result = await self._store_result(
+                    job_id, vectors, tokens, version, "embed" if query is None else "rerank"
+                )
         except JobCancelled:
-            await self.store.finish(job_id, JobStatus.CANCELLED, lease_owner=lease)
+            await self._finish(job_id, JobStatus.CANCELLED, lease_owner=lease)
             return Settlement(Disposition.ACK)
         except LeaseLost:
             return Settlement(Disposition.ACK)  # the job is in the hands of the delivery that took it
@@ -102,22 +123,28 @@ class JobRunner:
             # The job itself is wrong (bad input, a model no longer served): no retry helps.
             if isinstance(exc, APIError) and exc.status_code >= 500:
                 return await self._retry_later(job, lease, exc)
-            await self.store.finish(
+            await self._finish(
                 job_id, JobStatus.FAILED, lease_owner=lease, error={"type": "invalid_input", "message": str(exc)}
             )
             logger.warning("job %s failed: invalid input: %s", job_id, exc, extra={"job_id": job_id})
             return Settlement(Disposition.ACK)
         except Exception as exc:  # anything else may pass: retry, within the bound
             return await self._retry_later(job, lease, exc)
-        await self.store.finish(job_id, JobStatus.SUCCEEDED, lease_owner=lease, result=result)
+        await self._finish(job_id, JobStatus.SUCCEEDED, lease_owner=lease, result=result)
         return Settlement(Disposition.ACK)
+
+    async def _finish(self, job_id: str, status: JobStatus, **fields) -> None:
+        """The job's end, written: the "settle" step of its trace."""
+        with tracing.span("settle", {"job.id": job_id, "job.status": status.value}):
+            await self.store.finish(job_id, status, **fields)
 
     async def _retry_later(self, job: dict, lease: str, exc: Exception) -> Settlement:
         message = f"{type(exc).__name__}: {exc}"
         logger.warning(
             "job %s attempt %d failed: %s", job["_id"], job["attempts"], message, extra={"job_id": job["_id"]}
         )
-        await self.store.release(job["_id"], lease, message)
+        with tracing.span("settle", {"job.id": job["_id"], "job.status": "retry"}):
+            await self.store.release(job["_id"], lease, message)
         if job["attempts"] >= self.settings.job_max_attempts:
             return await self._give_up({**job, "last_error": message})
         return Settlement(Disposition.RETRY, self.settings.job_retry_delay_s * 2 ** (job["attempts"] - 1))
@@ -125,7 +152,7 @@ class JobRunner:
     async def _give_up(self, job: dict) -> Settlement:
         attempts = self.settings.job_max_attempts
         reason = f"gave up after {attempts} attempts; last error: {job.get('last_error') or 'the worker stopped'}"
-        await self.store.finish(job["_id"], JobStatus.FAILED, error={"type": "attempts_exhausted", "message": reason})
+        await self._finish(job["_id"], JobStatus.FAILED, error={"type": "attempts_exhausted", "message": reason})
         logger.error("job %s failed and is dead-lettered: %s", job["_id"], reason, extra={"job_id": job["_id"]})
         return Settlement(Disposition.DEAD)
 
@@ -164,18 +191,19 @@ class JobRunner:
         cancelled = False
         await self._progress(job_id, lease, 0, len(texts))
 
-        async def one(chunk: list[str]) -> EmbeddingOutcome:
+        async def one(index: int, chunk: list[str]) -> EmbeddingOutcome:
             nonlocal done, last_report, cancelled
             async with window:
                 if cancelled:
                     raise JobCancelled
-                if query is None:
-                    outcome = await self.embeddings.embed(model, chunk)
-                else:
-                    scored = await self.reranker().rerank(model, query, chunk)
-                    outcome = EmbeddingOutcome(
-                        scored.model, scored.version, scored.scores[:, None], scored.token_counts, scored.cache_hits
-                    )
+                with tracing.span("embed chunk", {"job.id": job_id, "chunk": index, "texts": len(chunk)}):
+                    if query is None:
+                        outcome = await self.embeddings.embed(model, chunk)
+                    else:
+                        scored = await self.reranker().rerank(model, query, chunk)
+                        outcome = EmbeddingOutcome(
+                            scored.model, scored.version, scored.scores[:, None], scored.token_counts, scored.cache_hits
+                        )
                 done += len(chunk)
                 if time.monotonic() - last_report >= PROGRESS_INTERVAL_S:
                     last_report = time.monotonic()
@@ -185,7 +213,7 @@ class JobRunner:
                     await self._progress(job_id, lease, done, len(texts))
                 return outcome
 
-        tasks = [asyncio.ensure_future(one(chunk)) for chunk in chunks]
+        tasks = [asyncio.ensure_future(one(index, chunk)) for index, chunk in enumerate(chunks)]
         try:
             outcomes = await asyncio.gather(*tasks)
         except BaseException:
