@@ -68,6 +68,11 @@ def ray_env(settings: ClusterSettings) -> dict[str, str]:
         env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "10")
     # The dashboard's metrics views query this Prometheus (make up starts it, cluster/monitoring/).
     env.setdefault("RAY_PROMETHEUS_HOST", settings.prometheus_url)
+    if settings.grafana_url:
+        env.setdefault("RAY_GRAFANA_HOST", settings.grafana_url)
+    # Serve's replica logs are JSON files (logging_config); without this, each line is written a second time,
+    # as text, to the worker's stderr file: twice the log I/O of every request for nothing.
+    env.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     env["INFER_STATE_DIR"] = str(settings.state_dir)
     return env
 

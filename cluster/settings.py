@@ -70,6 +70,11 @@ class ClusterSettings(Settings):
         "15d", description="How long Prometheus keeps samples (--storage.tsdb.retention.time)."
     )
     rabbitmq_prometheus_port: int = Field(15692, description="RabbitMQ's rabbitmq_prometheus endpoint (loopback).")
+    grafana_url: str | None = Field(
+        None,
+        description="A Grafana that shows this cluster (cluster/monitoring/grafana/): the Ray dashboard embeds its "
+        "panels (RAY_GRAFANA_HOST). None here: no Grafana runs on these machines.",
+    )
 
     # Worker nodes on this machine (`make up WORKERS=N`); None: as many as are running now.
     workers: int | None = Field(None, ge=0, le=9, description="Ray worker nodes next to the head (ports allow 9).")

@@ -24,6 +24,7 @@ from the queue before its batch forms.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -38,6 +39,20 @@ LANES: tuple[Lane, ...] = ("interactive", "background")  # the order batches are
 R = TypeVar("R")
 
 
+def current_request_id() -> str:
+    """The Serve request id of the caller (its X-Request-ID, carried across handle calls), or "".
+
+    Serve keeps it in a context variable that it reads itself to stamp `request_id` on log lines; there is
+    no public accessor in Ray 2.60. tests/integration/infra/test_request_logs.py fails if this stops working.
+    """
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or ""
+    except Exception:  # outside a replica (unit tests), or a Ray that moved it
+        return ""
+
+
 @dataclass(eq=False)
 class _Entry:
     items: Sequence[object]
@@ -45,17 +60,47 @@ class _Entry:
     lane: Lane
     future: asyncio.Future
     queued_at: float = field(default_factory=time.monotonic)
+    request_id: str = field(default_factory=current_request_id)
 
 
 @dataclass(frozen=True)
 class BatchFormed:
-    """What the batcher tells `on_batch` about each batch it runs (for metrics)."""
+    """What the batcher tells `on_batch` about each batch it ran (metrics and the replica's log line)."""
 
     lane: Lane
     requests: int
     items: int
     tokens: int
     waits_s: list[float]  # how long each request queued
+    request_ids: list[str]  # each request's Serve request id (X-Request-ID), "" where none
+    forward_s: float = 0.0  # the run itself (the forward pass)
+    ok: bool = True  # False: the run raised (each request got the error)
+
+
+def log_batch(model: str, batch: BatchFormed) -> None:
+    """The replica's one line per batch (JSON with the log config): size, tokens, waits, forward time, and
+    every request id in it, so one request's batch is found by its X-Request-ID."""
+    logger.info(
+        "batch of %d texts (%d tokens, %d requests) for %s in %.1f ms%s",
+        batch.items,
+        batch.tokens,
+        batch.requests,
+        model,
+        batch.forward_s * 1000,
+        "" if batch.ok else ", failed",
+        extra={
+            # The batch runs outside any request's context; a batch of one request's texts is that request's.
+            **({"request_id": batch.request_ids[0]} if len(batch.request_ids) == 1 and batch.request_ids[0] else {}),
+            "model": model,
+            "lane": batch.lane,
+            "batch_texts": batch.items,
+            "batch_tokens": batch.tokens,
+            "batch_requests": ",".join(batch.request_ids),
+            "forward_ms": round(batch.forward_s * 1000, 3),
+            "max_wait_ms": round(max(batch.waits_s, default=0.0) * 1000, 3),
+            "ok": batch.ok,
+        },
+    )
 
 
 class PriorityBatcher(Generic[R]):
@@ -153,7 +198,9 @@ class PriorityBatcher(Generic[R]):
         if self._worker is not None and self._worker.done() and not self._worker.cancelled():
             logger.error("the batcher's worker had stopped (%r); starting it again", self._worker.exception())
         self._wake = asyncio.Event()
-        self._worker = loop.create_task(self._work(), name="priority-batcher")
+        # A context of its own: made from the first caller's, it would carry that request's id (Serve's request
+        # context) into every later batch's log lines.
+        self._worker = loop.create_task(self._work(), name="priority-batcher", context=contextvars.Context())
 
     async def _work(self) -> None:
         assert self._wake is not None
@@ -192,6 +239,25 @@ class PriorityBatcher(Generic[R]):
             queue.popleft()
         return bool(queue)
 
+    def _report(self, batch: list[_Entry], formed: float, ran_s: float, *, ok: bool) -> None:
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(
+                BatchFormed(
+                    lane=batch[0].lane,
+                    requests=len(batch),
+                    items=sum(len(entry.items) for entry in batch),
+                    tokens=sum(entry.tokens for entry in batch),
+                    waits_s=[formed - entry.queued_at for entry in batch],
+                    request_ids=[entry.request_id for entry in batch],
+                    forward_s=ran_s,
+                    ok=ok,
+                )
+            )
+        except Exception:  # metrics never fail a batch
+            logger.exception("recording a batch failed")
+
     async def _run_batch(self, batch: list[_Entry]) -> None:
         if self.wait_s > 0:  # an idle wait for more to queue (measured slower here; kept for other machines)
             try:
@@ -204,36 +270,27 @@ class PriorityBatcher(Generic[R]):
         batch = [entry for entry in batch if not entry.future.done()]
         if not batch:
             return
-        now = time.monotonic()
-        if self._on_batch is not None:
-            try:
-                self._on_batch(
-                    BatchFormed(
-                        lane=batch[0].lane,
-                        requests=len(batch),
-                        items=sum(len(entry.items) for entry in batch),
-                        tokens=sum(entry.tokens for entry in batch),
-                        waits_s=[now - entry.queued_at for entry in batch],
-                    )
-                )
-            except Exception:  # metrics never fail a batch
-                logger.exception("recording a batch failed")
+        formed = time.monotonic()
         try:
             results = await self._run([entry.items for entry in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} requests returned {len(results)} results")
         except Exception as exc:
+            ran_s = time.monotonic() - formed
             for entry in batch:
                 if not entry.future.done():
                     entry.future.set_exception(exc)
+            self._report(batch, formed, ran_s, ok=False)
             return
         except BaseException:  # the worker itself is cancelled (the replica stops): nobody waits forever
             for entry in batch:
                 entry.future.cancel()
             raise
+        ran_s = time.monotonic() - formed
         for entry, result in zip(batch, results, strict=True):
             if not entry.future.done():
                 entry.future.set_result(result)
+        self._report(batch, formed, ran_s, ok=True)  # after the answers: nobody waits on the metrics
 
     def _fill(self, batch: list[_Entry]) -> list[_Entry]:
         """More of the batch's lane, in order, while it fits its bounds."""

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve import metrics
 
-from deployments.batcher import BatchFormed, Lane, PriorityBatcher
+from deployments.batcher import BatchFormed, Lane, PriorityBatcher, log_batch
 from serve_app import events
+from serve_app import metrics as product_metrics
 from serve_app.embeddings.contract import EmbeddingBatch, ModelInfo, RerankBatch, joined, run_batch
 from serve_app.model_repository import Manifest, ModelRepository, check_name
 from serve_app.settings import get_settings
@@ -105,6 +106,7 @@ class EmbeddingModel:
     def __init__(self, model_name: str) -> None:
         self.settings = get_settings()
         events.install(self.settings, "EmbeddingModel")
+        product_metrics.start()
         self.model_name = model_name
         self.repository = ModelRepository.from_settings(self.settings)
         self.config = ModelConfig()
@@ -242,11 +244,15 @@ class EmbeddingModel:
         return await run_batch(loaded.encoder, loaded.manifest.task, self.model_name, loaded.manifest.version, requests)
 
     def _record(self, batch: BatchFormed) -> None:
+        log_batch(self.model_name, batch)
+        if not batch.ok:
+            return
         self.texts_counter.inc(batch.items)
         self.batch_texts.observe(batch.items)
         self.batch_tokens.observe(batch.tokens)
         for wait in batch.waits_s:
             self.queue_wait.observe(wait, tags={"lane": batch.lane})
+        product_metrics.batch_computed(self.model_name, batch.tokens, batch.forward_s)
 
     def _require_loaded(self, task: str | None = None) -> LoadedModel:
         if self.loaded is None:

@@ -12,6 +12,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import events
+from serve_app import metrics as product_metrics
 from serve_app.http.api import create_app
 from serve_app.http.container import Services
 from serve_app.settings import get_settings
@@ -32,6 +33,7 @@ class Gateway:
     ) -> None:
         settings = get_settings()
         events.install(settings, "gateway")
+        product_metrics.start()
         self.services = Services.from_settings(settings, models, job_worker, pool)
         logger.info("gateway replica started (models: %s)", ", ".join(sorted(models)), extra=events.EVENT)
 

@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import events
+from serve_app import metrics as product_metrics
 from serve_app.jobs.runner import Settlement
 from serve_app.jobs.worker import JobWorkerRuntime
 from serve_app.settings import get_settings
@@ -27,6 +28,7 @@ class JobWorker:
     async def __init__(self, models: dict[str, DeploymentHandle], pool: DeploymentHandle | None = None) -> None:
         settings = get_settings()
         events.install(settings, "JobWorker")
+        product_metrics.start()
         self.runtime = JobWorkerRuntime(settings, models, pool)
         context = serve.get_replica_context()
         own = serve.get_deployment_handle(context.deployment, context.app_name).options(method_name="run_job")

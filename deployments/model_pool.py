@@ -36,6 +36,7 @@ from ray.serve import metrics
 
 from deployments.batcher import LANES, Lane, PriorityBatcher
 from serve_app import events
+from serve_app import metrics as product_metrics
 from serve_app.embeddings.contract import (
     LOADED_KEY,
     EmbeddingBatch,
@@ -161,6 +162,7 @@ class ModelPool:
 
         self.settings = get_settings()
         events.install(self.settings, "ModelPool")
+        product_metrics.start()
         self.repository = ModelRepository.from_settings(self.settings)
         self.device = device
         self.redis = GuardedRedis.from_settings(self.settings)

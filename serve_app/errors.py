@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from serve_app import metrics
+
 
 class APIError(Exception):
     """An error the client should see, with its HTTP status and an OpenAI-style body."""
@@ -101,6 +103,14 @@ class RateLimitError(APIError):
 
 
 class ServiceUnavailableError(APIError):
+    """A dependency failed; `service` (redis, mongodb, rabbitmq, s3, model) counts in ray_dependency_errors_total."""
+
     status_code = 503
     type = "service_unavailable"
     code = "service_unavailable"
+
+    def __init__(self, message: str, *, service: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
+        self.service = service
+        if service is not None:
+            metrics.dependency_error(service)

@@ -30,6 +30,8 @@ from pymongo.errors import OperationFailure, PyMongoError
 from serve_app.settings import REPO_ROOT, Settings
 
 COLLECTION = "system_logs"
+# A job's id on a log line: `extra={JOB: job_id}`. Not "job_id": Serve's log filter drops that name (Ray's own).
+JOB = "job"
 EVENT = {"event": True}  # logger.info("...", extra=EVENT): an info line that is a system event
 LOGGERS = ("serve_app", "ray.serve")
 OURS = (str(REPO_ROOT / "serve_app"), str(REPO_ROOT / "deployments"))
@@ -100,6 +102,8 @@ class MongoEventHandler(logging.Handler):
         for field in ("request_id", "job_id", "model", "dependency"):
             if (value := getattr(record, field, None)) is not None:
                 document[field] = str(value)
+        if (job := getattr(record, JOB, None)) is not None:
+            document["job_id"] = str(job)
         if error := getattr(record, "error", None):  # the exception, kept by _DroppingQueueHandler.prepare
             document["error"] = error
         try:

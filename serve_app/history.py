@@ -27,6 +27,7 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
+from serve_app import metrics
 from serve_app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class HistoryWriter:
         self.buffer.append(doc)
         if len(self.buffer) > self.buffer_size:
             self.buffer.popleft()
-            self.dropped += 1
+            self._drop(1)
             if self.dropped % 1000 == 1:
                 logger.warning("history buffer full; %d records dropped so far", self.dropped)
         if len(self.buffer) >= self.batch_size and self._healthy:
@@ -169,10 +170,12 @@ class HistoryWriter:
             others = [e for e in errors if e.get("code") != DUPLICATE_KEY]
             if others:
                 logger.error("history: %d records refused: %s", len(others), others[0].get("errmsg"))
+                self._drop(len(others))
             self.written += len(batch) - len(others)
             return True
         except (ConnectionFailure, ServerSelectionTimeoutError, NetworkTimeout) as exc:
             self._requeue(batch)
+            metrics.dependency_error("mongodb")
             logger.warning("history write deferred (%d buffered): %s", len(self.buffer), exc)
             return False
         except asyncio.CancelledError:  # cancelled mid-write: the batch goes back, to be written later
@@ -180,7 +183,7 @@ class HistoryWriter:
             raise
         except Exception as exc:  # a batch MongoDB will never take (it cannot be encoded, say)
             logger.error("history: dropping %d records MongoDB refused: %r", len(batch), exc)
-            self.dropped += len(batch)
+            self._drop(len(batch))
             return True
         self.written += len(batch)
         return True
@@ -189,7 +192,11 @@ class HistoryWriter:
         self.buffer.extendleft(reversed(batch))
         while len(self.buffer) > self.buffer_size:
             self.buffer.popleft()
-            self.dropped += 1
+            self._drop(1)
+
+    def _drop(self, count: int) -> None:
+        self.dropped += count
+        metrics.history_dropped(count)
 
     async def _run(self) -> None:
         backoff = self.flush_interval_s

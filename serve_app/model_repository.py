@@ -27,6 +27,7 @@ from minio.error import S3Error
 from minio.helpers import ProgressType
 from pydantic import BaseModel, field_validator
 
+from serve_app import metrics
 from serve_app.infra.s3 import object_store_client
 from serve_app.settings import Settings
 
@@ -279,7 +280,9 @@ class ModelRepository:
         downloads, the others find the verified marker and return at once. With `max_bytes`, the
         cache is then pruned to that size (prune_cache), never of this version.
         """
-        local_dir, manifest = self._fetch(name, version, cache_root)
+        started = time.perf_counter()
+        local_dir, manifest, downloaded = self._fetch(name, version, cache_root)
+        metrics.weights_fetched(name, downloaded, time.perf_counter() - started)
         if max_bytes:
             try:
                 prune_cache(cache_root, max_bytes, keep=local_dir)
@@ -287,7 +290,8 @@ class ModelRepository:
                 logger.warning("model cache: pruning %s failed: %r", cache_root, exc)
         return local_dir, manifest
 
-    def _fetch(self, name: str, version: str, cache_root: Path) -> tuple[Path, Manifest]:
+    def _fetch(self, name: str, version: str, cache_root: Path) -> tuple[Path, Manifest, int]:
+        """The verified directory, the manifest, and how many bytes were downloaded (0: all cached)."""
         check_name("model name", name)
         check_name("version", version)
         manifest = self.manifest(name, version)
@@ -300,15 +304,17 @@ class ModelRepository:
         with _exclusive_lock(cache_root / name / f".{version}.lock"):
             if marker.exists() and marker.read_text() == manifest.digest:
                 os.utime(marker)  # last used now: pruned last
-                return target, manifest
+                return target, manifest, 0
             marker.unlink(missing_ok=True)
+            downloaded = 0
             for f in manifest.files:
                 dest = target / f.path
                 if dest.exists() and dest.stat().st_size == f.size and sha256_of(dest) == f.sha256:
                     continue
                 self._download_verified(f"{name}/{version}/{f.path}", dest, f.sha256)
+                downloaded += f.size
             _write_atomically(marker, manifest.digest.encode())
-        return target, manifest
+        return target, manifest, downloaded
 
     def _download_verified(self, key: str, dest: Path, expected_sha256: str) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)

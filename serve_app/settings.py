@@ -47,6 +47,9 @@ class Settings(BaseSettings):
         True, description="Copy system events to MongoDB's system_logs (serve_app/events.py)."
     )
     system_log_ttl_days: int = Field(14, ge=1, description="How long system_logs keeps an event.")
+    access_log: bool = Field(
+        True, description="One structured line per request in the gateway replica's log (route, status, latency)."
+    )
     rabbitmq_url: str = Field("amqp://127.0.0.1:5672/infer", description="Host, port and vhost (the path).")
     rabbitmq_heartbeat_s: int = Field(
         15,
@@ -151,6 +154,19 @@ class Settings(BaseSettings):
     )
     inflight_wait_s: float = Field(
         10.0, description="How long a request waits for its key's in-flight allowance before a 429."
+    )
+
+    # Traces (serve_app/tracing.py): off unless an OTLP endpoint is set.
+    otel_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector (http://collector:4318, or a full .../v1/traces URL) that gets spans of "
+        "requests, cache lookups, model calls and job steps; unset: no tracing, at no cost.",
+    )
+    otel_sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of new traces kept (a request's incoming sampled flag wins)."
+    )
+    otel_headers: SecretStr | None = Field(
+        None, description="Headers for the collector, name=value,... (an API key): secret, never logged."
     )
 
     @computed_field  # type: ignore[prop-decorator]

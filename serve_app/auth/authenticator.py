@@ -211,7 +211,8 @@ class Authenticator:
         copy of a refusal refuses.
         """
         unavailable = ServiceUnavailableError(
-            "the key store (MongoDB) is unavailable and this key was not used recently; try again shortly"
+            "the key store (MongoDB) is unavailable and this key was not used recently; try again shortly",
+            service="mongodb",
         )
         if self.settings.auth_fallback_ttl_s <= 0:
             raise unavailable from cause

@@ -238,10 +238,12 @@ class KeyStore:
             if await self.redis.run(lambda r: r.set(deny_key(key_id), reason), None):
                 raise ServiceUnavailableError(
                     f"MongoDB is unavailable, so the revocation of key {key_id} is not stored; every gateway "
-                    "refuses the key meanwhile (a Redis deny entry). Revoke it again once MongoDB is back."
+                    "refuses the key meanwhile (a Redis deny entry). Revoke it again once MongoDB is back.",
+                    service="mongodb",
                 ) from exc
             raise ServiceUnavailableError(
-                f"MongoDB and Redis are unavailable: key {key_id} is NOT revoked; try again shortly"
+                f"MongoDB and Redis are unavailable: key {key_id} is NOT revoked; try again shortly",
+                service="mongodb",
             ) from exc
         if doc is None:
             raise NotFoundError(f"no key {key_id!r}", param="key_id")

@@ -40,7 +40,9 @@ class Sessions:
         try:  # the key as stored now, not as cached: a key revoked a moment ago makes no session
             doc = await self.keys.keys.find_one({"_id": principal.key_id})
         except PyMongoError as exc:
-            raise ServiceUnavailableError("the key store (MongoDB) is unavailable; try again shortly") from exc
+            raise ServiceUnavailableError(
+                "the key store (MongoDB) is unavailable; try again shortly", service="mongodb"
+            ) from exc
         if (reason := refusal(doc)) is not None:
             raise AuthenticationError(reason)
         principal = self.keys.principal(doc)

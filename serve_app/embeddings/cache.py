@@ -8,6 +8,7 @@ import struct
 import numpy as np
 from redis.asyncio import Redis
 
+from serve_app import metrics
 from serve_app.infra.redis import GuardedRedis
 
 _TOKENS = struct.Struct("<I")
@@ -15,6 +16,12 @@ _TOKENS = struct.Struct("<I")
 
 def cache_key(model: str, version: str, text: str) -> str:
     return f"emb:{model}:{version}:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def model_of(key: str) -> str:
+    """The model a cache key belongs to ("<kind>:<model>:<version>:<digest>")."""
+    parts = key.split(":", 2)
+    return parts[1] if len(parts) == 3 else "other"
 
 
 def pack(vector: np.ndarray, token_count: int) -> bytes:
@@ -38,9 +45,13 @@ class ResultCache:
         self.ttl_s = ttl_s
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The entries of keys (None: a miss), counted as hits and misses by model (keys of one model per call)."""
         if not keys:
             return []
-        return await self.guard.run(lambda r: r.mget(keys), [None] * len(keys))
+        found = await self.guard.run(lambda r: r.mget(keys), [None] * len(keys))
+        hits = sum(blob is not None for blob in found)
+        metrics.cache_lookups(model_of(keys[0]), hits, len(keys) - hits)
+        return found
 
     async def put_many(self, entries: dict[str, bytes]) -> None:
         if not entries:

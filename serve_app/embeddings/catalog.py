@@ -150,7 +150,9 @@ class ModelCatalog:
         try:
             found = await asyncio.to_thread(self.repository.versions, name)
         except Exception as exc:  # the object store down or refusing: the model cannot be loaded either
-            raise ServiceUnavailableError(f"the model repository did not answer: {type(exc).__name__}") from exc
+            raise ServiceUnavailableError(
+                f"the model repository did not answer: {type(exc).__name__}", service="s3"
+            ) from exc
         self._versions[name] = (time.monotonic(), found)
         if len(self._versions) > 4 * MAX_POOL_CLIENTS:  # names asked for that do not exist, say
             self._versions.pop(next(iter(self._versions)))
@@ -167,7 +169,9 @@ class ModelCatalog:
                 try:
                     names = await asyncio.to_thread(self.repository.names)
                 except Exception as exc:
-                    raise ServiceUnavailableError(f"the model repository did not answer: {type(exc).__name__}") from exc
+                    raise ServiceUnavailableError(
+                        f"the model repository did not answer: {type(exc).__name__}", service="s3"
+                    ) from exc
                 self._names = (time.monotonic(), set(names))
             return name in self._names[1]
 
@@ -182,7 +186,9 @@ class ModelCatalog:
         try:
             names = await asyncio.to_thread(self.repository.names)
         except Exception as exc:
-            raise ServiceUnavailableError(f"the model repository did not answer: {type(exc).__name__}") from exc
+            raise ServiceUnavailableError(
+                f"the model repository did not answer: {type(exc).__name__}", service="s3"
+            ) from exc
         found = await asyncio.gather(*(self.versions(name, fresh=fresh) for name in names))
         return {name: manifests for name, manifests in zip(names, found, strict=True) if manifests}
 
@@ -200,7 +206,9 @@ class ModelCatalog:
                 # Not shielded: a deployment that hangs must not collect a refresh per listing.
                 return await asyncio.wait_for(client.info(), wait_s)
             except TimeoutError:
-                return ServiceUnavailableError(f"model {client.name!r} did not answer within {wait_s:g}s")
+                return ServiceUnavailableError(
+                    f"model {client.name!r} did not answer within {wait_s:g}s", service="model"
+                )
             except ServiceUnavailableError as exc:
                 return exc
 

@@ -79,10 +79,14 @@ class ModelClient:
                     logger.warning("model %s.%s: its replica died (%s); trying another", self.name, method, exc)
                     return await getattr(self.handle, method).remote(*args, **kwargs)
         except TimeoutError as exc:
-            raise ServiceUnavailableError(f"model {self.name!r} did not answer within {timeout_s:g}s") from exc
+            raise ServiceUnavailableError(
+                f"model {self.name!r} did not answer within {timeout_s:g}s", service="model"
+            ) from exc
         except ModelLoadError as exc:  # the pool could not load the version (Ray re-raises it as its cause)
             reason = getattr(exc, "cause", None) or exc
-            raise ServiceUnavailableError(str(reason.args[0]) if reason.args else str(reason)) from exc
+            raise ServiceUnavailableError(str(reason.args[0]) if reason.args else str(reason), service="model") from exc
         except Exception as exc:  # any failure of the remote replica is the model being unavailable
             logger.warning("model %s.%s failed: %r", self.name, method, exc)
-            raise ServiceUnavailableError(f"model {self.name!r} is unavailable: {type(exc).__name__}") from exc
+            raise ServiceUnavailableError(
+                f"model {self.name!r} is unavailable: {type(exc).__name__}", service="model"
+            ) from exc

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from serve_app import tracing
 from serve_app.http.container import Services
 from serve_app.http.errors import install_error_handlers
 from serve_app.http.middleware import RequestContextMiddleware
@@ -22,15 +23,19 @@ def create_app(services: Services) -> FastAPI:
         yield
         await services.stop()
 
+    traced = tracing.configure(services.settings, "gateway")  # once per process; off without INFER_OTEL_ENDPOINT
     app = FastAPI(
         title="Inference cluster API",
         version=API_VERSION,
         description="Sentence embeddings served by Ray Serve, OpenAI-compatible.",
         lifespan=lifespan,
+        telemetry=tracing.fastapi_telemetry(),  # a server span per request when tracing is on
     )
     app.state.services = services
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, history=services.history)
+    if traced:
+        app.add_middleware(tracing.RequestAttributes)  # added first: inside RequestContextMiddleware
+    app.add_middleware(RequestContextMiddleware, history=services.history, access_log=services.settings.access_log)
     for router in (
         embeddings.router,
         rerank.router,

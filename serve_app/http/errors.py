@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse
 from pymongo.errors import PyMongoError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.errors import APIError, InvalidFieldError
+from serve_app import metrics
+from serve_app.errors import APIError, AuthenticationError, InvalidFieldError, RateLimitError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,33 @@ def _describe(error: dict) -> str:
     return f"{_location(error['loc'])}: {error['msg']}"
 
 
+# The limiter behind each 429's code, and the reason behind each 401's (ray_rate_limited_total,
+# ray_auth_refusals_total). A key refused for what it is says so in its message, not its code.
+LIMITERS = {
+    "rate_limited": "requests",
+    "tokens_rate_limited": "tokens",
+    "inflight_limit_exceeded": "inflight",
+    "job_quota_exceeded": "jobs",
+}
+AUTH_CODES = {"missing_api_key": "missing", "invalid_session": "invalid_session"}
+AUTH_WORDS = ("malformed", "revoked", "expired")
+
+
+def refusal_reason(exc: AuthenticationError) -> str:
+    if exc.code in AUTH_CODES:
+        return AUTH_CODES[exc.code]
+    return next((word for word in AUTH_WORDS if word in exc.message), "unknown_key")
+
+
+def _count(exc: APIError) -> None:
+    if isinstance(exc, AuthenticationError):
+        metrics.auth_refused(refusal_reason(exc))
+    elif isinstance(exc, RateLimitError):
+        metrics.rate_limited(LIMITERS.get(exc.code or "", "other"))
+
+
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    _count(exc)
     body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
     if isinstance(exc, InvalidFieldError):  # FastAPI's documented 422 shape, as for any validation error
         body["detail"] = [{"loc": [exc.location, exc.param], "msg": exc.reason, "type": "value_error"}]
@@ -85,6 +112,7 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 async def _mongo_error(request: Request, exc: PyMongoError) -> JSONResponse:
+    metrics.dependency_error("mongodb")
     logger.warning("MongoDB error in request %s: %r", getattr(request.state, "request_id", None), exc)
     body = error_body("MongoDB is unavailable; try again shortly", "service_unavailable", code="service_unavailable")
     return JSONResponse(body, 503)

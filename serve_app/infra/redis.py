@@ -15,6 +15,7 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from serve_app import metrics
 from serve_app.events import EVENT
 from serve_app.settings import Settings
 
@@ -56,8 +57,10 @@ class GuardedRedis:
             answer = await call(self.redis)
         except ResponseError as exc:  # Redis answered: a refused command, not an outage
             logger.error("Redis refused a command: %s", exc)
+            metrics.dependency_error("redis")
             return default
         except (RedisError, OSError) as exc:
+            metrics.dependency_error("redis")
             if self.available and not self._down:
                 logger.warning(
                     "Redis unavailable; going without it for %.1fs: %s", self.retry_after_s, exc, extra=DEPENDENCY

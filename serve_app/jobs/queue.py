@@ -24,10 +24,11 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError
 
+from serve_app import metrics
 from serve_app.infra.rabbitmq import connection_parameters
 from serve_app.settings import Settings
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")  # the replica's log (JSON, with the request id)
 
 
 class Disposition(StrEnum):
@@ -67,11 +68,16 @@ def parse_job_message(body: bytes) -> str | None:
     return job_id if isinstance(job_id, str) and 0 < len(job_id) <= 64 else None
 
 
-def message_properties(job_id: str, *, delay_s: float | None = None) -> pika.BasicProperties:
+def message_properties(
+    job_id: str, *, delay_s: float | None = None, request_id: str | None = None
+) -> pika.BasicProperties:
+    """A persistent message for job_id; `request_id` (the submitting request's X-Request-ID) rides as its
+    correlation id, so the worker's log lines for the job carry the id of the request that made it."""
     return pika.BasicProperties(
         content_type="application/json",
         delivery_mode=pika.DeliveryMode.Persistent,
         message_id=job_id,
+        correlation_id=request_id or None,
         expiration=str(max(1, int(delay_s * 1000))) if delay_s is not None else None,
     )
 
@@ -85,9 +91,9 @@ class JobPublisher:
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
 
-    async def publish(self, job_id: str) -> None:
+    async def publish(self, job_id: str, request_id: str | None = None) -> None:
         """Raises PublishError unless the broker confirmed a persistent message for job_id."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._publish, job_id)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._publish, job_id, request_id)
 
     async def ping(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._ping)
@@ -114,7 +120,7 @@ class JobPublisher:
                 self._connection.close()
         self._connection = self._channel = None
 
-    def _publish(self, job_id: str) -> None:
+    def _publish(self, job_id: str, request_id: str | None) -> None:
         last_error: Exception | None = None
         for _ in range(2):  # a connection gone stale since the last publish gets one fresh try
             try:
@@ -122,7 +128,7 @@ class JobPublisher:
                     exchange="",
                     routing_key=self.settings.job_queue,
                     body=job_message(job_id),
-                    properties=message_properties(job_id),
+                    properties=message_properties(job_id, request_id=request_id),
                     mandatory=True,
                 )
                 return
@@ -136,8 +142,9 @@ class JobPublisher:
         self._executor.shutdown(wait=False)
 
 
-# handle(job_id, settle): start work on a job; call settle(disposition, delay_s) when it is done.
-JobHandler = Callable[[str, Callable[[Disposition, float], None]], None]
+# handle(job_id, settle, request_id): start work on a job; call settle(disposition, delay_s) when it is done.
+# request_id: the X-Request-ID of the request that submitted the job ("" when the message carries none).
+JobHandler = Callable[[str, Callable[[Disposition, float], None], str], None]
 
 
 class JobConsumer(threading.Thread):
@@ -162,6 +169,7 @@ class JobConsumer(threading.Thread):
                 self._consume()
                 backoff = 0.5
             except (AMQPError, OSError) as exc:
+                metrics.dependency_error("rabbitmq")
                 logger.warning("job consumer lost RabbitMQ (%s); reconnecting in %.1fs", exc, backoff)
             finally:
                 self.connected.clear()
@@ -190,29 +198,40 @@ class JobConsumer(threading.Thread):
         if job_id is None:
             logger.error("malformed job message dead-lettered: %r", body[:200])
             channel.basic_nack(method.delivery_tag, requeue=False)
+            metrics.job("dead_lettered")
             return
         connection = self._connection
         tag = method.delivery_tag
+        request_id = properties.correlation_id or ""
 
         def settle(disposition: Disposition, delay_s: float) -> None:
             # Called from any thread; the channel may only be used from this consumer's thread.
             with contextlib.suppress(Exception):
-                connection.add_callback_threadsafe(partial(self._settle, channel, tag, job_id, disposition, delay_s))
+                connection.add_callback_threadsafe(
+                    partial(self._settle, channel, tag, job_id, request_id, disposition, delay_s)
+                )
 
-        self.handle(job_id, settle)
+        self.handle(job_id, settle, request_id)
 
     def _settle(
-        self, channel: BlockingChannel, tag: int, job_id: str, disposition: Disposition, delay_s: float
+        self,
+        channel: BlockingChannel,
+        tag: int,
+        job_id: str,
+        request_id: str,
+        disposition: Disposition,
+        delay_s: float,
     ) -> None:
         if not channel.is_open:
             return  # the broker will redeliver the message to a new connection
+        ids = {"job": job_id, "request_id": request_id}  # this thread has no Serve request context
         if disposition == Disposition.RETRY:
             try:
                 channel.basic_publish(
                     exchange="",
                     routing_key=self.settings.job_retry_queue,
                     body=job_message(job_id),
-                    properties=message_properties(job_id, delay_s=delay_s),
+                    properties=message_properties(job_id, delay_s=delay_s, request_id=request_id),
                     mandatory=True,
                 )
             except AMQPError as exc:
@@ -222,8 +241,12 @@ class JobConsumer(threading.Thread):
                     channel.basic_nack(tag, requeue=True)
                 return
             channel.basic_ack(tag)
+            metrics.job("retried")
+            logger.info("job %s retried in %.1fs", job_id, delay_s, extra={**ids, "job_event": "retried"})
         elif disposition == Disposition.DEAD:
             channel.basic_nack(tag, requeue=False)
+            metrics.job("dead_lettered")
+            logger.warning("job %s dead-lettered", job_id, extra={**ids, "job_event": "dead_lettered"})
         else:
             channel.basic_ack(tag)
 

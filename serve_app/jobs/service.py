@@ -139,6 +139,7 @@ class JobService:
         source: JobInput,
         callback_url: str | None = None,
         idempotency_key: str | None = None,
+        request_id: str | None = None,
     ) -> Submission:
         """The job once it is stored and its message confirmed by RabbitMQ.
 
@@ -147,14 +148,14 @@ class JobService:
         the same key and another request is refused (422).
         """
         if idempotency_key is None:
-            return await self._submit(caller, model, source, callback_url)
+            return await self._submit(caller, model, source, callback_url, request_id=request_id)
         fingerprint = _fingerprint(model, source, callback_url)
         job_id = new_job_id()
         claimed = await self.store.claim_idempotency_key(caller.owner, idempotency_key, job_id, fingerprint)
         if claimed is not None:
             return await self._replay(caller.owner, idempotency_key, claimed, fingerprint)
         try:
-            return await self._submit(caller, model, source, callback_url, job_id=job_id)
+            return await self._submit(caller, model, source, callback_url, job_id=job_id, request_id=request_id)
         except BaseException:
             await asyncio.shield(self._release_unless_accepted(caller.owner, idempotency_key, job_id))
             raise
@@ -188,7 +189,14 @@ class JobService:
         raise ConflictError(f"a request with Idempotency-Key {key!r} is still being accepted; retry shortly")
 
     async def _submit(
-        self, caller: Principal, model: str, source: JobInput, callback_url: str | None, *, job_id: str | None = None
+        self,
+        caller: Principal,
+        model: str,
+        source: JobInput,
+        callback_url: str | None,
+        *,
+        job_id: str | None = None,
+        request_id: str | None = None,
     ) -> Submission:
         # An unknown model, or one of another task, is refused here, not by a worker.
         await self.embeddings.model(model, "rerank" if source.query is not None else "embed")
@@ -231,6 +239,7 @@ class JobService:
             "error": None,
             "result": None,
             "callback": callback,
+            "request_id": request_id,  # the submitting request's X-Request-ID: on the job's log lines too
         }
         made_secret = None
         try:
@@ -243,14 +252,16 @@ class JobService:
             await self._take_back(caller.owner, made_secret)
             raise
         try:
-            await self.publisher.publish(job_id)
+            await self.publisher.publish(job_id, request_id)
         except PublishError as exc:
             logger.error("job %s not queued: %s", job_id, exc)
             await self._take_back(caller.owner, made_secret)
             await self.store.finish(
                 job_id, JobStatus.FAILED, error={"type": "not_queued", "message": f"the job queue refused it: {exc}"}
             )
-            raise ServiceUnavailableError("the job queue is unavailable; the job was not accepted") from exc
+            raise ServiceUnavailableError(
+                "the job queue is unavailable; the job was not accepted", service="rabbitmq"
+            ) from exc
         try:
             await self.store.mark_published(job_id)
         except Exception as exc:  # confirmed by RabbitMQ: accepted; the sweeper skips it only sooner

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -18,6 +19,7 @@ from pymongo import ASCENDING, DESCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from serve_app import metrics
 from serve_app.errors import ConflictError
 from serve_app.infra.redis import GuardedRedis
 from serve_app.jobs.quota import JobQuota
@@ -35,6 +37,8 @@ class JobStatus(StrEnum):
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 ACTIVE_STATUS_TTL_S = 2
+
+logger = logging.getLogger("ray.serve")  # the replica's log (JSON, with the request id)
 IDEMPOTENCY_TTL_S = 24 * 3600  # an Idempotency-Key names its job this long
 
 
@@ -60,6 +64,30 @@ class LeaseHeld(NotClaimed):
     def __init__(self, remaining_s: float) -> None:
         super().__init__(f"leased for another {remaining_s:.1f}s")
         self.remaining_s = remaining_s
+
+
+def _ended(doc: dict) -> None:
+    """Count and log a job that has just reached its terminal status."""
+    status = str(doc["status"])
+    started = doc.get("started_at")
+    duration_s = (_aware(doc["finished_at"]) - _aware(started)).total_seconds() if started else None
+    metrics.job_ended(status, duration_s)
+    error = doc.get("error") or {}
+    # INFO even when it failed: the runner's warning with the reason is the system event (system_logs).
+    logger.info(
+        "job %s %s%s%s",
+        doc["_id"],
+        status,
+        f" in {duration_s:.1f}s" if duration_s is not None else "",
+        f": {error.get('message')}" if error else "",
+        extra={
+            "job": doc["_id"],
+            "job_event": status,
+            "attempts": doc.get("attempts", 0),
+            **({"duration_s": round(duration_s, 3)} if duration_s is not None else {}),
+            **({"error_type": str(error.get("type"))} if error else {}),
+        },
+    )
 
 
 def now() -> datetime:
@@ -186,16 +214,20 @@ class JobStore:
         doc = await self.jobs.find_one({"_id": job_id}, {"cancel_requested": 1})
         return bool(doc and doc.get("cancel_requested"))
 
-    async def unpublished(self, older_than_s: float) -> list[str]:
+    async def unpublished(self, older_than_s: float) -> list[tuple[str, str | None]]:
+        """(job id, its submitting request's id) of queued jobs never published, older than older_than_s."""
         cutoff = now() - timedelta(seconds=older_than_s)
         cursor = self.jobs.find(
-            {"status": JobStatus.QUEUED, "published_at": None, "created_at": {"$lt": cutoff}}, {"_id": 1}
+            {"status": JobStatus.QUEUED, "published_at": None, "created_at": {"$lt": cutoff}},
+            {"_id": 1, "request_id": 1},
         ).limit(100)
-        return [doc["_id"] async for doc in cursor]
+        return [(doc["_id"], doc.get("request_id")) async for doc in cursor]
 
     # -- writes -------------------------------------------------------------------------------
 
     async def create(self, doc: dict, texts: list[str] | None) -> dict:
+        metrics.job("accepted")
+        logger.info("job %s accepted", doc["_id"], extra={"job": doc["_id"], "job_event": "accepted"})
         if texts is not None:
             await self.inputs.replace_one({"_id": doc["_id"]}, {"_id": doc["_id"], "texts": texts}, upsert=True)
         await self.jobs.insert_one(doc)
@@ -235,8 +267,9 @@ class JobStore:
 
     async def _update(self, query: dict, update: dict) -> dict | None:
         doc = await self.jobs.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
-        if doc is not None and doc["status"] in TERMINAL:
+        if doc is not None and doc["status"] in TERMINAL:  # every terminal update is guarded by an active status
             await self.quota.release_ended(doc)
+            _ended(doc)
         return await self._cache(doc)
 
     async def active_among(self, job_ids: list[str]) -> set[str]:
@@ -289,6 +322,13 @@ class JobStore:
             ],
         )
         if doc is not None:
+            metrics.job("running")
+            logger.info(
+                "job %s running (attempt %d)",
+                job_id,
+                doc["attempts"],
+                extra={"job": job_id, "job_event": "running", "attempt": doc["attempts"]},
+            )
             return doc
         existing = await self.jobs.find_one({"_id": job_id}, {"status": 1, "lease": 1, "cancel_requested": 1})
         if existing is None:
@@ -311,6 +351,14 @@ class JobStore:
                 }
             },
         )
+        if doc is not None:
+            logger.info(
+                "job %s progress %d/%d",
+                job_id,
+                done,
+                total,
+                extra={"job": job_id, "job_event": "progress", "done": done, "total": total},
+            )
         return doc is not None
 
     async def release(self, job_id: str, lease_owner: str, error: str) -> None:

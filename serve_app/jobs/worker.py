@@ -14,12 +14,13 @@ from collections.abc import Awaitable, Callable
 
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import metrics
 from serve_app.auth.key_store import KeyStore
 from serve_app.embeddings.service import EmbeddingService
 from serve_app.infra.clients import Clients
 from serve_app.jobs.callbacks import CallbackDispatcher, SecretCache
 from serve_app.jobs.objects import JobObjects
-from serve_app.jobs.queue import Disposition, JobConsumer, JobPublisher
+from serve_app.jobs.queue import Disposition, JobConsumer, JobPublisher, PublishError
 from serve_app.jobs.runner import JobRunner, Settlement
 from serve_app.jobs.store import JobStore
 from serve_app.outbound import Outbound
@@ -28,6 +29,20 @@ from serve_app.settings import Settings
 logger = logging.getLogger("ray.serve")
 
 Dispatch = Callable[[str], Awaitable[Settlement]]
+
+
+def use_request_id(request_id: str) -> None:
+    """Make `request_id` this task's Serve request id: handle calls made from here carry it, and Serve stamps it
+    on log lines. Serve keeps it in a context variable with no public setter in Ray 2.60;
+    tests/integration/infra/test_request_logs.py fails if this stops working."""
+    if not request_id:
+        return
+    try:
+        from ray.serve.context import _set_request_context
+
+        _set_request_context(request_id=request_id)
+    except Exception as exc:  # a Ray that moved it: the job runs under a fresh id, and its lines say job_id
+        logger.debug("cannot set the Serve request id: %r", exc)
 
 
 class JobWorkerRuntime:
@@ -50,15 +65,18 @@ class JobWorkerRuntime:
         """Consume the queue, handing each delivered job to `dispatch`; start the background duties."""
         loop = asyncio.get_running_loop()
 
-        async def run_dispatched(job_id: str) -> Settlement:
+        async def run_dispatched(job_id: str, request_id: str) -> Settlement:
+            # The job runs, and calls the models, under the id of the request that submitted it: Serve
+            # carries it on every handle call, and its log lines carry it (this task's own context).
+            use_request_id(request_id)
             try:
                 return await dispatch(job_id)
             except Exception as exc:  # the replica running it died or was stopped: retry later
                 logger.warning("job %s did not finish on its replica: %r", job_id, exc)
                 return Settlement(Disposition.RETRY, self.settings.job_retry_delay_s)
 
-        def on_delivery(job_id: str, settle) -> None:
-            future = asyncio.run_coroutine_threadsafe(run_dispatched(job_id), loop)
+        def on_delivery(job_id: str, settle, request_id: str) -> None:
+            future = asyncio.run_coroutine_threadsafe(run_dispatched(job_id, request_id), loop)
             future.add_done_callback(lambda f: settle(*self._settlement_of(f)))
 
         self.consumer = JobConsumer(self.settings, on_delivery)
@@ -99,11 +117,12 @@ class JobWorkerRuntime:
         while True:
             await asyncio.sleep(self.settings.job_sweep_interval_s)
             try:
-                for job_id in await self.store.unpublished(self.settings.job_publish_grace_s):
-                    await self.publisher.publish(job_id)
+                for job_id, request_id in await self.store.unpublished(self.settings.job_publish_grace_s):
+                    await self.publisher.publish(job_id, request_id)
                     await self.store.mark_published(job_id)
                     logger.warning("published job %s that its gateway had not", job_id)
             except Exception as exc:  # a sweep that fails is tried again at the next interval
+                metrics.dependency_error("rabbitmq" if isinstance(exc, PublishError) else "mongodb")
                 logger.warning("sweep of unpublished jobs failed: %r", exc)
 
     async def stop(self) -> None:

@@ -70,7 +70,7 @@ def job_diagnosis(settings, job_id: str) -> str:
             parts.append(f"{log.name}: unread ({exc!r})")
             continue
         named = [line for line in lines if job_id in line][-5:]
-        errors = [line for line in lines if line.startswith(("ERROR", "WARNING"))][-5:]
+        errors = [line for line in lines if '"levelname": "ERROR"' in line or '"levelname": "WARNING"' in line][-5:]
         if named or errors:
             parts.append(f"{log.name}:\n  " + "\n  ".join(json.dumps(line)[1:-1] for line in named + errors))
     return "\n".join(parts)

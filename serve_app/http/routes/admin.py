@@ -146,7 +146,9 @@ async def system_logs(
             match = {"$and": [match, {"$or": older}]}
         docs = await collection.find(match).sort([("ts", -1), ("_id", -1)]).limit(limit + 1).to_list(limit + 1)
     except PyMongoError as exc:
-        raise ServiceUnavailableError("the system log cannot be read: MongoDB does not answer") from exc
+        raise ServiceUnavailableError(
+            "the system log cannot be read: MongoDB does not answer", service="mongodb"
+        ) from exc
     page = docs[:limit]
     next_cursor = str(page[-1]["_id"]) if len(docs) > limit else None
     fields = set(SystemLogEntry.model_fields) - {"id", "ts"}

@@ -83,7 +83,9 @@ async def submit_job(
     """
     request.state.history = {"model": body.model, "items": len(body.input) if body.input else None, "kind": "job"}
     source = JobInput(texts=body.input, input_url=body.input_url, upload_id=body.upload_id, query=body.query)
-    submission = await jobs.submit(caller, body.model, source, body.callback_url, idempotency_key)
+    submission = await jobs.submit(
+        caller, body.model, source, body.callback_url, idempotency_key, request_id=request.state.request_id
+    )
     view = submission.job
     request.state.history["job_id"] = view["id"]
     response.headers["Location"] = f"/v1/jobs/{view['id']}"

@@ -102,7 +102,7 @@ def test_consumer_settles_each_disposition_and_dead_letters_malformed_messages(q
     seen: list[str] = []
     lock = threading.Lock()
 
-    def handle(job_id, settle):
+    def handle(job_id, settle, request_id):
         with lock:
             seen.append(job_id)
             first_time = seen.count(job_id) == 1
