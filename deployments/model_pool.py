@@ -34,7 +34,7 @@ from typing import Generic, TypeVar
 from ray import serve
 from ray.serve import metrics
 
-from deployments.batcher import LANES, Lane, PriorityBatcher
+from deployments.batcher import LANES, BatchFormed, Lane, PriorityBatcher, log_batch
 from serve_app import events
 from serve_app import metrics as product_metrics
 from serve_app.embeddings.contract import (
@@ -260,8 +260,19 @@ class ModelPool:
                 self.texts_counter.inc(items_in(requests), tags={"model": model.manifest.name, "task": task})
                 return await run_batch(model.engine, task, model.manifest.name, model.manifest.version, requests)
 
+            name = model_id.partition(":")[0]
+
+            def record(batch: BatchFormed) -> None:
+                log_batch(model_id, batch)
+                if batch.ok:
+                    product_metrics.batch_computed(name, batch.tokens, batch.forward_s)
+
             batcher = PriorityBatcher(
-                run, max_texts=MAX_BATCH, max_tokens=MAX_BATCH_TOKENS, background_max_texts=BACKGROUND_BATCH
+                run,
+                max_texts=MAX_BATCH,
+                max_tokens=MAX_BATCH_TOKENS,
+                background_max_texts=BACKGROUND_BATCH,
+                on_batch=record,
             )
             self._batchers[model_id] = batcher
         for gone in [k for k, b in self._batchers.items() if k != model_id and k not in self._held and b.idle()]:

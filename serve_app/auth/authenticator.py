@@ -26,6 +26,7 @@ from typing import Any
 from pymongo.errors import PyMongoError
 from redis.asyncio import Redis
 
+from serve_app import metrics
 from serve_app.auth.credentials import Credential, Principal, auth_key, deny_key, fallback_key
 from serve_app.auth.key_store import KeyStore, refusal
 from serve_app.errors import AuthenticationError, RateLimitError, ServiceUnavailableError
@@ -174,6 +175,7 @@ class Authenticator:
             doc = await self.keys.lookup(sha)
         except PyMongoError as exc:
             self._mongo_retry_at = time.monotonic() + MONGO_RETRY_AFTER_S
+            metrics.dependency_error("mongodb")  # counted here, where MongoDB failed, not per fallback answer
             logger.warning("key lookup failed (MongoDB); answering from the fallback copies: %r", exc)
             return await self._from_fallback(sha, key_id, exc)
         reason = refusal(doc)
@@ -211,8 +213,7 @@ class Authenticator:
         copy of a refusal refuses.
         """
         unavailable = ServiceUnavailableError(
-            "the key store (MongoDB) is unavailable and this key was not used recently; try again shortly",
-            service="mongodb",
+            "the key store (MongoDB) is unavailable and this key was not used recently; try again shortly"
         )
         if self.settings.auth_fallback_ttl_s <= 0:
             raise unavailable from cause

@@ -58,40 +58,47 @@ class RequestContextMiddleware:
                 status = CLIENT_CLOSED
             raise
         finally:
-            latency_ms = round((time.perf_counter() - started) * 1000, 3)
-            principal = state.get("principal")  # set by authentication; absent when it refused
-            history = state.get("history", {})
-            route = scope["route"].path if "route" in scope else metrics.OTHER  # FastAPI's template, bounded
-            model = self._model_label(history.get("model"), status)
-            metrics.request(route, model, status)
-            if self.access_log:
-                # One structured line per request; Serve's JSON log adds request_id (X-Request-ID) itself.
-                logger.info(
-                    "%s %s %d %.1fms",
-                    scope["method"],
-                    route,
-                    status,
-                    latency_ms,
-                    extra={
-                        "http_route": route,  # not "route": Serve's log filter sets that one itself
-                        "method": scope["method"],
-                        "status": status,
-                        "latency_ms": latency_ms,
-                        "tenant": principal.owner if principal else None,
-                        "model": model,
-                        **({"job": history["job_id"]} if "job_id" in history else {}),
-                    },
-                )
-            if scope["method"] == "POST" and scope["path"].startswith(RECORDED_PREFIXES):
-                self.history.record(
-                    request_id=request_id,
-                    endpoint=scope["path"],
-                    status=status,
-                    latency_ms=latency_ms,
-                    owner=principal.owner if principal else None,
-                    key_id=principal.key_id if principal else None,
-                    **history,
-                )
+            try:
+                self._account(scope, state, request_id, status, started)
+            except Exception:  # metrics, the access line or history must never replace the answer or the error
+                logger.exception("accounting for request %s failed", request_id)
+
+    def _account(self, scope: Scope, state: dict, request_id: str, status: int, started: float) -> None:
+        """Count the request, write its access line, queue its history record."""
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        principal = state.get("principal")  # set by authentication; absent when it refused
+        history = state.get("history", {})
+        route = scope["route"].path if "route" in scope else metrics.OTHER  # FastAPI's template, bounded
+        model = self._model_label(history.get("model"), status)
+        metrics.request(route, model, status)
+        if self.access_log:
+            # One structured line per request; Serve's JSON log adds request_id (X-Request-ID) itself.
+            logger.info(
+                "%s %s %d %.1fms",
+                scope["method"],
+                route,
+                status,
+                latency_ms,
+                extra={
+                    "http_route": route,  # not "route": Serve's log filter sets that one itself
+                    "method": scope["method"],
+                    "status": status,
+                    "latency_ms": latency_ms,
+                    "tenant": principal.owner if principal else None,
+                    "model": model,
+                    **({"job": history["job_id"]} if "job_id" in history else {}),
+                },
+            )
+        if scope["method"] == "POST" and scope["path"].startswith(RECORDED_PREFIXES):
+            self.history.record(
+                request_id=request_id,
+                endpoint=scope["path"],
+                status=status,
+                latency_ms=latency_ms,
+                owner=principal.owner if principal else None,
+                key_id=principal.key_id if principal else None,
+                **history,
+            )
 
     def _model_label(self, model: object, status: int) -> str:
         """The model as a metric label: a name that has been answered successfully here, else "other"

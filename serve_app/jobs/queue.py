@@ -241,8 +241,8 @@ class JobConsumer(threading.Thread):
                     channel.basic_nack(tag, requeue=True)
                 return
             channel.basic_ack(tag)
-            metrics.job("retried")
-            logger.info("job %s retried in %.1fs", job_id, delay_s, extra={**ids, "job_event": "retried"})
+            # Counted as retried by the runner, when an attempt failed; this is also a delivery deferred.
+            logger.info("job %s requeued for %.1fs", job_id, delay_s, extra={**ids, "job_event": "requeued"})
         elif disposition == Disposition.DEAD:
             channel.basic_nack(tag, requeue=False)
             metrics.job("dead_lettered")

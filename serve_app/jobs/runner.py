@@ -7,8 +7,8 @@ Work goes to the model in chunks through the same embedding service as synchrono
 (at most every PROGRESS_INTERVAL_S).
 
 Traced (serve_app/tracing.py, when on): a "job" span per delivery, in a trace of its own (the job document
-does not carry the submitting request's trace; both carry job.id), with a span per step: claim, read input,
-embed chunk (the cache lookups and model calls under each), write result, settle.
+does not carry the submitting request's trace; both carry job.id and the request id, request.id), with a span
+per step: claim, read input, embed chunk (the cache lookups and model calls under each), write result, settle.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
+from pymongo.errors import PyMongoError
 
-from serve_app import tracing
+from serve_app import metrics, tracing
 from serve_app.embeddings.service import EmbeddingOutcome, EmbeddingService
 from serve_app.errors import APIError
 from serve_app.jobs.objects import InputError, JobObjects, ObjectRef, parse_text_lines
@@ -32,7 +33,7 @@ from serve_app.jobs.store import CancelRequested, JobEnded, JobMissing, JobStatu
 from serve_app.rerank.service import RerankService
 from serve_app.settings import Settings
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")  # the replica's log (JSON, with the request id)
 
 PROGRESS_INTERVAL_S = 0.5
 
@@ -90,7 +91,7 @@ class JobRunner:
             with tracing.span("claim", {"job.id": job_id}, set_status_on_exception=False):
                 job = await self.store.claim(job_id, self.worker, lease)
         except JobMissing:
-            logger.error("message for unknown job %s dead-lettered", job_id, extra={"job_id": job_id})
+            logger.error("message for unknown job %s dead-lettered", job_id, extra={"job": job_id})
             return Settlement(Disposition.DEAD)
         except JobEnded:
             return Settlement(Disposition.ACK)  # a redelivery of a job already ended
@@ -102,6 +103,8 @@ class JobRunner:
             return Settlement(Disposition.RETRY, held.remaining_s + 0.5)
         span.set_attribute("job.attempt", job["attempts"])
         span.set_attribute("job.model", job["model"])
+        if job.get("request_id"):  # the submitting request's id: its request span has it as request.id too
+            span.set_attribute(tracing.REQUEST_ID_ATTRIBUTE, job["request_id"])
         if job["attempts"] > self.settings.job_max_attempts:
             return await self._give_up(job)
         try:
@@ -126,7 +129,7 @@ class JobRunner:
             await self._finish(
                 job_id, JobStatus.FAILED, lease_owner=lease, error={"type": "invalid_input", "message": str(exc)}
             )
-            logger.warning("job %s failed: invalid input: %s", job_id, exc, extra={"job_id": job_id})
+            logger.warning("job %s failed: invalid input: %s", job_id, exc, extra={"job": job_id})
             return Settlement(Disposition.ACK)
         except Exception as exc:  # anything else may pass: retry, within the bound
             return await self._retry_later(job, lease, exc)
@@ -141,19 +144,26 @@ class JobRunner:
     async def _retry_later(self, job: dict, lease: str, exc: Exception) -> Settlement:
         message = f"{type(exc).__name__}: {exc}"
         logger.warning(
-            "job %s attempt %d failed: %s", job["_id"], job["attempts"], message, extra={"job_id": job["_id"]}
+            "job %s attempt %d failed: %s",
+            job["_id"],
+            job["attempts"],
+            message,
+            extra={"job": job["_id"], "job_event": "attempt_failed", "attempt": job["attempts"]},
         )
+        if isinstance(exc, PyMongoError):
+            metrics.dependency_error("mongodb")
         with tracing.span("settle", {"job.id": job["_id"], "job.status": "retry"}):
             await self.store.release(job["_id"], lease, message)
         if job["attempts"] >= self.settings.job_max_attempts:
             return await self._give_up({**job, "last_error": message})
+        metrics.job("retried")  # a failed attempt tried again (a delivery deferred behind another's lease is not)
         return Settlement(Disposition.RETRY, self.settings.job_retry_delay_s * 2 ** (job["attempts"] - 1))
 
     async def _give_up(self, job: dict) -> Settlement:
         attempts = self.settings.job_max_attempts
         reason = f"gave up after {attempts} attempts; last error: {job.get('last_error') or 'the worker stopped'}"
         await self._finish(job["_id"], JobStatus.FAILED, error={"type": "attempts_exhausted", "message": reason})
-        logger.error("job %s failed and is dead-lettered: %s", job["_id"], reason, extra={"job_id": job["_id"]})
+        logger.error("job %s failed and is dead-lettered: %s", job["_id"], reason, extra={"job": job["_id"]})
         return Settlement(Disposition.DEAD)
 
     async def _texts(self, job: dict) -> list[str]:

@@ -226,11 +226,11 @@ class JobStore:
     # -- writes -------------------------------------------------------------------------------
 
     async def create(self, doc: dict, texts: list[str] | None) -> dict:
-        metrics.job("accepted")
-        logger.info("job %s accepted", doc["_id"], extra={"job": doc["_id"], "job_event": "accepted"})
         if texts is not None:
             await self.inputs.replace_one({"_id": doc["_id"]}, {"_id": doc["_id"], "texts": texts}, upsert=True)
         await self.jobs.insert_one(doc)
+        metrics.job("accepted")
+        logger.info("job %s accepted", doc["_id"], extra={"job": doc["_id"], "job_event": "accepted"})
         return await self._cache(doc) or doc
 
     async def claim_idempotency_key(self, owner: str, key: str, job_id: str, fingerprint: str) -> dict | None:
@@ -265,11 +265,14 @@ class JobStore:
     async def mark_published(self, job_id: str) -> None:
         await self.jobs.update_one({"_id": job_id, "published_at": None}, {"$set": {"published_at": now()}})
 
-    async def _update(self, query: dict, update: dict) -> dict | None:
+    async def _update(self, query: dict, update: dict, *, ends: bool = False) -> dict | None:
+        """Update one job and return it as it is now. `ends`: the update moves an active job (the query says so)
+        to a terminal status, so a doc that comes back is a job that has just ended: counted and logged once."""
         doc = await self.jobs.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
-        if doc is not None and doc["status"] in TERMINAL:  # every terminal update is guarded by an active status
+        if doc is not None and doc["status"] in TERMINAL:
             await self.quota.release_ended(doc)
-            _ended(doc)
+            if ends:
+                _ended(doc)
         return await self._cache(doc)
 
     async def active_among(self, job_ids: list[str]) -> set[str]:
@@ -282,6 +285,7 @@ class JobStore:
         queued = await self._update(
             {"_id": job_id, "owner": owner, "status": JobStatus.QUEUED},
             self._terminal(JobStatus.CANCELLED, cancel_requested=True),
+            ends=True,
         )
         if queued:
             return queued
@@ -407,7 +411,7 @@ class JobStore:
         query: dict[str, Any] = {"_id": job_id, "status": {"$in": list(ACTIVE)}}
         if lease_owner is not None:
             query["lease.owner"] = lease_owner
-        return await self._update(query, self._terminal(status, **fields))
+        return await self._update(query, self._terminal(status, **fields), ends=True)
 
     # -- results ------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from pymongo.errors import PyMongoError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import metrics
@@ -122,7 +123,8 @@ class JobWorkerRuntime:
                     await self.store.mark_published(job_id)
                     logger.warning("published job %s that its gateway had not", job_id)
             except Exception as exc:  # a sweep that fails is tried again at the next interval
-                metrics.dependency_error("rabbitmq" if isinstance(exc, PublishError) else "mongodb")
+                if isinstance(exc, PublishError | PyMongoError):
+                    metrics.dependency_error("rabbitmq" if isinstance(exc, PublishError) else "mongodb")
                 logger.warning("sweep of unpublished jobs failed: %r", exc)
 
     async def stop(self) -> None:

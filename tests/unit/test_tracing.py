@@ -155,6 +155,7 @@ class FakeJobStore:
             "model": "fake-model",
             "input": {"kind": "inline", "count": len(texts)},
             "attempts": 0,
+            "request_id": f"submitted-{job_id}",
         }
         self.texts[job_id] = texts
 
@@ -202,6 +203,7 @@ def test_a_job_is_a_trace_of_its_own_with_a_span_per_step(spans):
     assert job.attributes["job.id"] == "job-1"
     assert job.attributes["job.disposition"] == "ack"
     assert job.attributes["job.attempt"] == 1
+    assert job.attributes["request.id"] == "submitted-job-1"  # the submitting request's, as on its request span
     assert {s.context.trace_id for s in finished} == {job.context.trace_id}
     steps = children(finished, job)
     assert [s.name for s in sorted(steps, key=lambda s: s.start_time)] == [

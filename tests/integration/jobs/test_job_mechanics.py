@@ -1,6 +1,7 @@
 """Job delivery mechanics on real RabbitMQ, MongoDB and Redis, on queues of their own (no workers)."""
 
 import asyncio
+import itertools
 import threading
 import time
 import uuid
@@ -9,7 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pika
 import pytest
+from pymongo.errors import DuplicateKeyError
 
+from serve_app import metrics
 from serve_app.embeddings.service import EmbeddingOutcome
 from serve_app.infra.mongo import mongo_client
 from serve_app.infra.rabbitmq import connection_parameters
@@ -294,3 +297,47 @@ def test_a_job_asked_to_cancel_is_ended_at_its_next_delivery_even_while_another_
     assert job["attempts"] == 1
     assert job["worker"] == {"host": "died"}
     assert calls == 0
+
+
+def test_each_job_is_counted_once_per_state_whatever_updates_it_after_its_end(settings):
+    """ray_jobs_total counts transitions: a callback recorded on an ended job, a cancel asked of a running one, a
+    retried attempt and a job that could not be stored count nothing more (the process's own tally)."""
+
+    def tally() -> dict[str, float]:
+        return {state: metrics.recorded("jobs", state=state) for state in metrics.JOB_STATES}
+
+    async def scenario():
+        runner, store, doc, clients = _runner_and_job(settings, WorkingEmbeddings(), texts=("a",))
+        doc["callback"] = {"url": "https://hooks.example.com/done", "status": "waiting", "attempts": 0}
+        counts = [tally()]
+        await store.create(doc, ["a"])
+        counts.append(tally())  # accepted
+        with pytest.raises(DuplicateKeyError):
+            await store.create(doc, ["a"])  # not stored: not accepted again
+        counts.append(tally())
+        assert (await runner.run(doc["_id"])).disposition is Disposition.ACK
+        counts.append(tally())  # running, succeeded
+        await store.record_callback(doc["_id"], delivered=False, error="refused", retry_in_s=1.0)
+        await store.record_callback(doc["_id"], delivered=True, error=None, retry_in_s=None)
+        await store.request_cancel(doc["_id"], "test")  # ended already: nothing to cancel
+        counts.append(tally())
+        retried, retried_store, retried_doc, retried_clients = _runner_and_job(settings, FailingEmbeddings())
+        await retried_store.create(retried_doc, ["a", "b", "c"])
+        assert (await retried.run(retried_doc["_id"])).disposition is Disposition.RETRY
+        counts.append(tally())  # accepted, running, retried
+        for client in (*clients, *retried_clients):
+            await client.close()
+        return counts
+
+    counts = asyncio.run(scenario())
+    steps = [
+        {s: after[s] - before[s] for s in after if after[s] != before[s]}
+        for before, after in itertools.pairwise(counts)
+    ]
+    assert steps == [
+        {"accepted": 1},
+        {},
+        {"running": 1, "succeeded": 1},
+        {},
+        {"accepted": 1, "running": 1, "retried": 1},
+    ]
