@@ -81,7 +81,7 @@ def test_traffic_and_a_job_show_up_in_prometheus_and_every_alert_names_held_seri
 
     rules = prometheus.get("/api/v1/rules").json()["data"]["groups"]
     expressions = {rule["name"]: rule["query"] for group in rules for rule in group["rules"]}
-    assert len(expressions) == 6, expressions
+    assert len(expressions) == 7, expressions
     missing = {}
     for name, expr in expressions.items():
         for series in set(SERIES.findall(expr)):
