@@ -40,7 +40,7 @@ def test_promtool_accepts_the_rendered_config_and_the_alert_rules(tmp_path):
     assert checked.returncode == 0, checked.stdout + checked.stderr
     rules = promtool("check", "rules", str(prometheus.rules_path))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 6 rules found" in rules.stdout + rules.stderr
+    assert "SUCCESS: 7 rules found" in rules.stdout + rules.stderr
 
 
 def test_promtool_refuses_a_broken_rule(tmp_path):
@@ -91,7 +91,7 @@ def test_promtool_accepts_the_compose_config_which_scrapes_what_make_up_does(tmp
     path = monitoring / "prometheus-compose.yml"
     checked = promtool("check", "config", str(path))
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 6 rules found" in checked.stdout + checked.stderr
+    assert "SUCCESS: 7 rules found" in checked.stdout + checked.stderr
     config = yaml.safe_load(path.read_text())
     rendered = yaml.safe_load(Prometheus("prometheus", ClusterSettings(state_dir=tmp_path)).render())
     assert [job["job_name"] for job in config["scrape_configs"]] == [j["job_name"] for j in rendered["scrape_configs"]]
