@@ -54,11 +54,6 @@ def ray_env(settings: ClusterSettings) -> dict[str, str]:
     env.setdefault("RAY_health_check_failure_threshold", "5")
     env.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "2")
     env.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "2")
-    # A router sends to a replica whose queue length it cached without asking again for this long (Serve: 10 s).
-    # A replica on a node just cut off keeps its entry, so for up to that long requests are sent to it and wait
-    # out the model deadline (the partition test's 503s); at 2 s it is asked, and skipped, sooner. Busy replicas
-    # refresh their entries with every answer, so this costs a probe only on replicas that were idle.
-    env.setdefault("RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S", "2")
     # Callbacks go to public addresses only; the integration tests' receiver lives at this one
     # address, in a network namespace of its own (tests/integration/jobs/test_callbacks.py).
     env.setdefault("INFER_CALLBACK_ALLOW_NETWORKS", '["198.18.0.2/32"]')
