@@ -39,18 +39,21 @@ LANES: tuple[Lane, ...] = ("interactive", "background")  # the order batches are
 R = TypeVar("R")
 
 
+try:  # Serve's request context: no public accessor in Ray 2.60
+    from ray.serve.context import _get_serve_request_context
+except ImportError:  # a Ray that moved it: batches are logged without request ids
+    _get_serve_request_context = None
+
+
 def current_request_id() -> str:
     """The Serve request id of the caller (its X-Request-ID, carried across handle calls), or "".
 
-    Serve keeps it in a context variable that it reads itself to stamp `request_id` on log lines; there is
-    no public accessor in Ray 2.60. tests/integration/infra/test_request_logs.py fails if this stops working.
+    Serve keeps it in a context variable that it reads itself to stamp `request_id` on log lines;
+    tests/integration/infra/test_request_logs.py fails if this stops working.
     """
-    try:
-        from ray.serve.context import _get_serve_request_context
-
-        return _get_serve_request_context().request_id or ""
-    except Exception:  # outside a replica (unit tests), or a Ray that moved it
+    if _get_serve_request_context is None:
         return ""
+    return _get_serve_request_context().request_id or ""
 
 
 @dataclass(eq=False)

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
-from ray.serve import metrics
 
 from deployments.batcher import BatchFormed, Lane, PriorityBatcher, log_batch
 from serve_app import events
@@ -111,29 +110,6 @@ class EmbeddingModel:
         self.repository = ModelRepository.from_settings(self.settings)
         self.config = ModelConfig()
         self.loaded: LoadedModel | None = None
-        self.texts_counter = metrics.Counter(
-            "embedding_texts_computed", description="Texts embedded by the model.", tag_keys=("model",)
-        )
-        self.batch_texts = metrics.Histogram(
-            "embedding_batch_texts",
-            description="Texts per model batch (all requests in the batch).",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
-            tag_keys=("model",),
-        )
-        self.batch_tokens = metrics.Histogram(
-            "embedding_batch_tokens",
-            description="Tokens per model batch (the tokenizer's counts, all requests in the batch).",
-            boundaries=[16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384],
-            tag_keys=("model",),
-        )
-        self.queue_wait = metrics.Histogram(
-            "embedding_queue_wait_seconds",
-            description="How long a request queued at the model replica before its batch ran, by lane.",
-            boundaries=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
-            tag_keys=("model", "lane"),
-        )
-        for metric in (self.texts_counter, self.batch_texts, self.batch_tokens, self.queue_wait):
-            metric.set_default_tags({"model": model_name})
         self.batcher: PriorityBatcher = PriorityBatcher(self._run, on_batch=self._record)
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -247,11 +223,7 @@ class EmbeddingModel:
         log_batch(self.model_name, batch)
         if not batch.ok:
             return
-        self.texts_counter.inc(batch.items)
-        self.batch_texts.observe(batch.items)
-        self.batch_tokens.observe(batch.tokens)
-        for wait in batch.waits_s:
-            self.queue_wait.observe(wait, tags={"lane": batch.lane})
+        product_metrics.batch_formed(self.model_name, batch.items, batch.tokens, batch.lane, batch.waits_s)
         product_metrics.batch_computed(self.model_name, batch.tokens, batch.forward_s)
 
     def _require_loaded(self, task: str | None = None) -> LoadedModel:

@@ -72,8 +72,29 @@ class _Metrics:
             boundaries=JOB_SECONDS,
             tag_keys=("state",),
         )
+        self.texts = counter(
+            "embedding_texts_computed", description="Texts embedded by the model.", tag_keys=("model",)
+        )
         self.tokens = counter(
             "embedding_tokens_computed", description="Tokens of the texts embedded by the model.", tag_keys=("model",)
+        )
+        self.batch_texts = histogram(
+            "embedding_batch_texts",
+            description="Texts per model batch (all requests in the batch).",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+            tag_keys=("model",),
+        )
+        self.batch_tokens = histogram(
+            "embedding_batch_tokens",
+            description="Tokens per model batch (the tokenizer's counts, all requests in the batch).",
+            boundaries=[16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384],
+            tag_keys=("model",),
+        )
+        self.queue_wait = histogram(
+            "embedding_queue_wait_seconds",
+            description="How long a request queued at the model replica before its batch ran, by lane.",
+            boundaries=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+            tag_keys=("model", "lane"),
         )
         self.forward = histogram(
             "embedding_forward_seconds",
@@ -190,8 +211,19 @@ def job_ended(state: str, duration_s: float | None) -> None:
 
 
 def batch_computed(model: str, tokens: int, forward_s: float) -> None:
+    """A batch the model computed: its tokens and its forward pass (the pinned models and the pool)."""
     _inc("tokens", {"model": model}, tokens)
     _observe("forward", forward_s, {"model": model})
+
+
+def batch_formed(model: str, texts: int, tokens: int, lane: str, waits_s: Iterable[float]) -> None:
+    """A pinned model's batch: texts computed, its size in texts and tokens, each request's wait in the queue."""
+    tags = {"model": model}
+    _inc("texts", tags, texts)
+    _observe("batch_texts", texts, tags)
+    _observe("batch_tokens", tokens, tags)
+    for wait in waits_s:
+        _observe("queue_wait", wait, {"model": model, "lane": lane})
 
 
 def weights_fetched(model: str, downloaded_bytes: int, seconds: float) -> None:
