@@ -33,7 +33,8 @@ COLLECTION = "system_logs"
 # A job's id on a log line: `extra={JOB: job_id}`. Not "job_id": Serve's log filter drops that name (Ray's own).
 JOB = "job"
 EVENT = {"event": True}  # logger.info("...", extra=EVENT): an info line that is a system event
-LOGGERS = ("serve_app", "ray.serve")
+SERVE_LOGGER = "ray.serve"
+LOGGERS = ("serve_app", SERVE_LOGGER)
 OURS = (str(REPO_ROOT / "serve_app"), str(REPO_ROOT / "deployments"))
 QUEUE_SIZE = 1000
 LEVELS = {
@@ -129,6 +130,7 @@ class _Installed:
     lock = threading.Lock()
     listener: logging.handlers.QueueListener | None = None
     handler: logging.handlers.QueueHandler | None = None
+    forwarder: logging.Filter | None = None
 
 
 def install(settings: Settings, component: str) -> None:
@@ -142,12 +144,16 @@ def install(settings: Settings, component: str) -> None:
         handler.addFilter(is_event)
         listener = logging.handlers.QueueListener(records, sink, respect_handler_level=True)
         listener.start()
+        forwarder = _Forwarder(handler)
         for name in LOGGERS:
             target = logging.getLogger(name)
-            target.addHandler(handler)
+            if name == SERVE_LOGGER:
+                target.addFilter(forwarder)
+            else:
+                target.addHandler(handler)
             if target.getEffectiveLevel() > logging.INFO:
                 target.setLevel(logging.INFO)  # events at info level must reach the handler
-        _Installed.listener, _Installed.handler = listener, handler
+        _Installed.listener, _Installed.handler, _Installed.forwarder = listener, handler, forwarder
         atexit.register(uninstall)
 
 
@@ -158,10 +164,38 @@ def uninstall() -> None:
             return
         for name in LOGGERS:
             logging.getLogger(name).removeHandler(_Installed.handler)
+            logging.getLogger(name).removeFilter(_Installed.forwarder)
         _Installed.listener.stop()
         for handler in _Installed.listener.handlers:
             handler.close()
-        _Installed.listener = _Installed.handler = None
+        _Installed.listener = _Installed.handler = _Installed.forwarder = None
+
+
+class _Forwarder(logging.Filter):
+    """On Serve's `ray.serve` logger, a filter that hands each record to our handler, not a handler: Serve clears
+    that logger's handlers whenever it configures a replica's logging (a deployment's logging config changed,
+    say), and leaves its filters. The record has no request_id yet (Serve's own handler adds it): taken here
+    from Serve's request context."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if is_event(record):
+            if getattr(record, "request_id", None) is None and (request_id := _serve_request_id()):
+                record.request_id = request_id
+            self.handler.handle(record)
+        return True
+
+
+def _serve_request_id() -> str:
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or ""
+    except Exception:  # outside a replica, or a Ray that moved it
+        return ""
 
 
 class _DroppingQueueHandler(logging.handlers.QueueHandler):

@@ -63,3 +63,22 @@ def test_an_exception_is_kept_apart_from_the_message():
 
 def test_critical_is_worse_than_error_in_the_filter():
     assert "critical" in events.log_filter(since=None, level="error", component=None)["level"]["$in"]
+
+
+def test_events_on_serves_logger_survive_serve_clearing_its_handlers(monkeypatch):
+    """Serve's configure_component_logger clears `ray.serve`'s handlers when it reconfigures a replica's logging;
+    the copy to system_logs is a filter on that logger, so it keeps working."""
+    stored: list[logging.LogRecord] = []
+    monkeypatch.setattr(events.MongoEventHandler, "emit", lambda self, r: stored.append(r))
+    serve_logger = logging.getLogger("ray.serve")
+    events.install(Settings(), "JobWorker")
+    try:
+        serve_logger.handlers.clear()  # what Serve does
+        path = str(REPO_ROOT / "serve_app" / "jobs" / "runner.py")
+        serve_logger.handle(record(logging.WARNING, path, job="j-7"))
+        serve_logger.handle(record(logging.INFO, path))  # not an event
+    finally:
+        events.uninstall()  # flushes the queue
+    assert [(r.levelno, r.job) for r in stored] == [(logging.WARNING, "j-7")]
+    assert events._Installed.forwarder is None
+    assert all(not isinstance(f, events._Forwarder) for f in serve_logger.filters)
