@@ -82,10 +82,16 @@ def test_traffic_and_a_job_show_up_in_prometheus_and_every_alert_names_held_seri
     rules = prometheus.get("/api/v1/rules").json()["data"]["groups"]
     expressions = {rule["name"]: rule["query"] for group in rules for rule in group["rules"]}
     assert len(expressions) == 7, expressions
-    missing = {}
-    for name, expr in expressions.items():
-        for series in set(SERIES.findall(expr)):
-            held = prometheus.get("/api/v1/series", params={"match[]": series, "start": started}).json()["data"]
-            if not held:
-                missing.setdefault(name, []).append(series)
-    assert not missing, f"alert rules name series Prometheus does not hold: {missing}"
+
+    def missing() -> dict[str, list[str]]:
+        absent: dict[str, list[str]] = {}
+        for name, expr in expressions.items():
+            for series in set(SERIES.findall(expr)):
+                held = prometheus.get("/api/v1/series", params={"match[]": series, "start": started}).json()["data"]
+                if not held:
+                    absent.setdefault(name, []).append(series)
+        return absent
+
+    # A target scraped every 10 s may not have been scraped since the test began: a few scrapes' grace.
+    wait_until(lambda: not missing(), 3 * settings.prometheus_scrape_interval_s, interval_s=2)
+    assert not missing(), f"alert rules name series Prometheus does not hold: {missing()}"
